@@ -1,0 +1,338 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022), in diffusers' parameter names.
+
+An encoder maps an image to a diagonal Gaussian over latents, a decoder maps latents back to the image.
+Every parameter name and config key matches `diffusers.AutoencoderKL`, so a diffusers state dict loads
+without renaming and a save is a plain file write (see `formats.py` for the original CompVis naming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Shape-defining settings, named exactly as the keys of diffusers' `AutoencoderKL` config.json."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    # Widths of the resolution levels; len - 1 of them halve the image, so (128, 256, 512, 512) is f8.
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    # Resnet blocks per encoder level; the decoder has one more per level (as in the released models).
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    # One single-head self-attention block in the middle of encoder and decoder.
+    mid_block_add_attention: bool = True
+    # 1x1 convs around the latent: present in SD 1.x/2.x/SDXL, dropped by SD3 and Flux.
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    # Latent normalisation for diffusion: z_model = (z - shift_factor) * scaling_factor.
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    # Tells diffusers pipelines to run this VAE in fp32 even when the pipeline runs in fp16.
+    force_upcast: bool = True
+    # The image size the model was trained at; diffusers' tiling only starts above it.
+    sample_size: int = 256
+    act_fn: str = "silu"
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        if self.act_fn != "silu":
+            raise ValueError(f"act_fn={self.act_fn!r} is not supported; every public VAE uses 'silu'")
+        for width in self.block_out_channels:
+            if width % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels {self.block_out_channels} must be multiples of "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def replace(self, **changes) -> AutoencoderConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON types (lists, not tuples)."""
+        data = dataclasses.asdict(self)
+        data["block_out_channels"] = list(self.block_out_channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AutoencoderConfig:
+        """Build from a config dict (ours or diffusers'), ignoring keys that do not define the network."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if values.get("shift_factor") is None:
+            values.pop("shift_factor", None)  # diffusers writes null when unused
+        return cls(**values)
+
+
+# The released architectures (REFERENCE.md §2) and a tiny one that trains on a CPU in minutes.
+PRESETS: dict[str, AutoencoderConfig] = {
+    "sd": AutoencoderConfig(scaling_factor=0.18215, sample_size=512),
+    "sdxl": AutoencoderConfig(scaling_factor=0.13025, sample_size=1024),
+    "sd3": AutoencoderConfig(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
+    ),
+    "flux": AutoencoderConfig(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024,
+    ),
+    "tiny": AutoencoderConfig(
+        block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        scaling_factor=1.0, force_upcast=False, sample_size=128,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> AutoencoderConfig:
+    """The config of a named architecture, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock2D(nn.Module):
+    """Two GroupNorm-SiLU-conv layers with a residual connection (1x1 conv when the width changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' key: to_out.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        h = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")  # one head
+        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        h = rearrange(self.to_out[0](h), "b 1 (h w) c -> b c h w", h=height)
+        return x + h
+
+
+class MidBlock2D(nn.Module):
+    """Resnet, attention, resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if add_attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Downsample2D(nn.Module):
+    """Halve the resolution: pad right and bottom by one, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample2D(nn.Module):
+    """Double the resolution: nearest-neighbour interpolation, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class EncoderBlock(nn.Module):
+    """One encoder level: resnet blocks, then an optional downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * num_layers
+        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:]))
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if downsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.resnets, *self.downsamplers]:
+            x = layer(x)
+        return x
+
+
+class DecoderBlock(nn.Module):
+    """One decoder level: resnet blocks, then an optional upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * num_layers
+        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:]))
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.resnets, *self.upsamplers]:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image (B, in, H, W) -> Gaussian parameters (B, 2 * latent, H/f, W/f)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            EncoderBlock(
+                widths[max(i - 1, 0)], width, config.layers_per_block, groups,
+                downsample=i < len(widths) - 1,
+            )
+            for i, width in enumerate(widths)
+        )
+        self.mid_block = MidBlock2D(widths[-1], groups, config.mid_block_add_attention)
+        self.conv_norm_out = group_norm(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)                        # (B, w0, H, W)
+        for block in self.down_blocks:
+            x = block(x)                           # (B, w[-1], H/f, W/f) after the last level
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2C, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent, h, w) -> image (B, out, h*f, w*f); mirrors the encoder, widest level first."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels[::-1], config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock2D(widths[0], groups, config.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            DecoderBlock(
+                widths[max(i - 1, 0)], width, config.layers_per_block + 1, groups,
+                upsample=i < len(widths) - 1,
+            )
+            for i, width in enumerate(widths)
+        )
+        self.conv_norm_out = group_norm(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))         # (B, w[-1], h, w)
+        for block in self.up_blocks:
+            x = block(x)                            # (B, w0, h*f, w*f) after the last level
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+@dataclass
+class DiagonalGaussian:
+    """The posterior q(z|x): a Gaussian with diagonal covariance, parameterised by mean and log-variance."""
+
+    mean: torch.Tensor    # (B, C, h, w)
+    logvar: torch.Tensor  # (B, C, h, w), clamped to [-30, 20] as in every released model
+    std: torch.Tensor = field(init=False)
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar.clamp(-30.0, 20.0))
+
+    def __post_init__(self):
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) summed over latent elements: one value per image, shape (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder, Gaussian posterior and decoder; `encode` and `decode` work on raw (unscaled) latents."""
+
+    def __init__(self, config: AutoencoderConfig | None = None):
+        super().__init__()
+        self.config = config or AutoencoderConfig()
+        latent = self.config.latent_channels
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> AutoencoderKL:
+        return cls(preset(name, **overrides))
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Images (B, 3, H, W) in [-1, 1], H and W multiples of the downsampling factor -> posterior."""
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, C, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(
+        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruct: (reconstruction, posterior), decoding a posterior sample (or its mean)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """The decoder's output conv weight: where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
