@@ -1,0 +1,57 @@
+"""The network on its own: presets, shapes, and the posterior's arithmetic."""
+
+import math
+
+import pytest
+import torch
+
+from vaegan import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
+
+
+def test_sd_preset_has_the_released_parameter_count():
+    # The released SD 1.x VAE (and SDXL's, the same network) has 83,653,863 parameters.
+    assert AutoencoderKL.from_preset("sd").num_parameters() == 83_653_863
+
+
+def test_flux_preset_is_f8_with_16_channels_and_no_quant_convs():
+    vae = AutoencoderKL.from_preset("flux")
+    assert vae.quant_conv is None and vae.post_quant_conv is None
+    assert vae.config.downsampling_factor == 8 and vae.config.latent_channels == 16
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+
+
+@pytest.mark.parametrize("name", ["tiny", "sd"])
+def test_shapes(name):
+    config = preset(name, block_out_channels=(32, 64, 64), norm_num_groups=8) if name == "sd" else preset(name)
+    vae = AutoencoderKL(config)
+    x = torch.rand(2, 3, 48, 64) * 2 - 1
+    posterior = vae.encode(x)
+    f = config.downsampling_factor
+    assert posterior.mean.shape == (2, config.latent_channels, 48 // f, 64 // f)
+    assert vae.decode(posterior.mode()).shape == x.shape
+
+
+def test_posterior_clamps_logvar_and_computes_kl_per_image():
+    moments = torch.cat([torch.full((1, 2, 1, 1), 0.5), torch.tensor([[[[-40.0]], [[math.log(4.0)]]]])], dim=1)
+    posterior = DiagonalGaussian.from_moments(moments)
+    assert posterior.logvar.flatten().tolist() == pytest.approx([-30.0, math.log(4.0)])
+    # KL of N(0.5, var) to N(0, 1) is 0.5 (mu^2 + var - 1 - log var), summed over elements.
+    expected = sum(0.5 * (0.25 + math.exp(lv) - 1 - lv) for lv in (-30.0, math.log(4.0)))
+    assert posterior.kl().item() == pytest.approx(expected)
+    assert posterior.std.flatten()[1].item() == pytest.approx(2.0)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    posterior = DiagonalGaussian.from_moments(torch.randn(2, 8, 4, 4))
+    a = posterior.sample(torch.Generator().manual_seed(1))
+    b = posterior.sample(torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, posterior.mode())
+
+
+def test_config_round_trips_through_a_dict_and_rejects_bad_widths():
+    for config in PRESETS.values():
+        assert AutoencoderConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="multiples of norm_num_groups"):
+        AutoencoderConfig(block_out_channels=(48, 64), norm_num_groups=32)
+    with pytest.raises(ValueError, match="unknown preset 'sd4'"):
+        preset("sd4")
