@@ -187,7 +187,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_layers
-        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:]))
+        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:], strict=False))
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +202,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_layers
-        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:]))
+        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:], strict=False))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,3 +336,9 @@ class AutoencoderKL(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save(self, path, format: str = "diffusers", dtype: torch.dtype | None = None):
+        """Write a diffusers folder or an original-naming single file; see `vaegan.formats.save`."""
+        from vaegan.formats import save  # formats builds on this module, so import it only when used
+
+        return save(self, path, format=format, dtype=dtype)

@@ -1,0 +1,360 @@
+"""Loading and saving VAEs: exact parity with diffusers both ways, single files, and clear refusals."""
+
+import hashlib
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import vaegan
+from vaegan import AutoencoderKL, FormatError, preset
+from vaegan.formats import diffusers_config, to_diffusers_name, to_original_name
+
+diffusers = pytest.importorskip("diffusers")
+
+SMALL = {"block_out_channels": (32, 64), "norm_num_groups": 8, "layers_per_block": 1, "sample_size": 32}
+CONFIGS = {"sd": preset("sd", **SMALL), "flux": preset("flux", **SMALL)}
+
+
+def perturbed(vae: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter, so that GroupNorm's ones and zeros also prove the mapping."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return vae.eval()
+
+
+def small_vae(name: str = "sd", **overrides) -> AutoencoderKL:
+    return perturbed(AutoencoderKL(CONFIGS[name].replace(**overrides)))
+
+
+def images(seed: int = 1) -> torch.Tensor:
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@torch.no_grad()
+def assert_same_outputs(ours: AutoencoderKL, reference: torch.nn.Module) -> None:
+    """Posterior mean and decode agree to 1e-5; `reference` is ours or a `diffusers.AutoencoderKL`."""
+    x = images()
+    mean = ours.encode(x).mean
+    if isinstance(reference, AutoencoderKL):
+        expected_mean, expected_image = reference.encode(x).mean, reference.decode(mean)
+    else:
+        expected_mean, expected_image = reference.encode(x).latent_dist.mean, reference.decode(mean).sample
+    torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.decode(mean), expected_image, atol=1e-5, rtol=0)
+
+
+@contextmanager
+def no_warnings_from_diffusers():
+    """Fail on any Python warning or any warning on diffusers' logger (which does not propagate to root)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+    assert [str(w.message) for w in caught] == []
+
+
+def digest(path: Path) -> str:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ parity with diffusers
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_diffusers_folder_loads_with_identical_outputs(tmp_path, name):
+    constructor_args = {k: v for k, v in diffusers_config(CONFIGS[name]).items() if not k.startswith("_")}
+    reference = perturbed(diffusers.AutoencoderKL(**constructor_args))
+    reference.save_pretrained(tmp_path)
+    before = digest(tmp_path)
+
+    vae = vaegan.load(tmp_path)
+
+    assert vae.config == CONFIGS[name]
+    assert_same_outputs(vae, reference)
+    assert digest(tmp_path) == before  # loading never touches the files
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_saved_folder_loads_in_diffusers_without_warnings(tmp_path, name):
+    vae = small_vae(name)
+    vae.save(tmp_path / "vae")
+
+    with no_warnings_from_diffusers():
+        reference = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
+
+    assert_same_outputs(vae, reference.eval())
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert isinstance(config["shift_factor"], float)  # SD3/Flux pipelines crash on null
+    assert reference.config.scaling_factor == CONFIGS[name].scaling_factor
+    assert reference.config.shift_factor == CONFIGS[name].shift_factor
+    assert reference.config.use_quant_conv == (name == "sd")
+
+
+def test_fp16_variant_and_bin_folders(tmp_path):
+    reference = perturbed(diffusers.AutoencoderKL(**{
+        k: v for k, v in diffusers_config(CONFIGS["sd"]).items() if not k.startswith("_")
+    }))
+    reference.half().save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert [p.name for p in (tmp_path / "fp16").glob("*.safetensors")] == [
+        "diffusion_pytorch_model.fp16.safetensors"
+    ]
+    reference.float().save_pretrained(tmp_path / "bin", safe_serialization=False)
+
+    from_fp16 = vaegan.load(tmp_path / "fp16")
+    assert from_fp16.encoder.conv_in.weight.dtype == torch.float32  # highest precision unless asked
+    assert vaegan.load(tmp_path / "fp16", dtype=torch.float16).encoder.conv_in.weight.dtype == torch.float16
+    assert_same_outputs(from_fp16, reference)  # the fp16 weights, exactly representable in fp32
+    assert_same_outputs(vaegan.load(tmp_path / "bin"), reference)
+
+
+def test_pipeline_folder_loads_its_vae_subfolder(tmp_path):
+    vae = small_vae()
+    vae.save(tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert_same_outputs(vaegan.load(tmp_path), vae)
+
+
+def test_explicit_factors_override_the_file(tmp_path):
+    small_vae("flux").save(tmp_path)
+    vae = vaegan.load(tmp_path, scaling_factor=0.5, shift_factor=0.25)
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.5, 0.25)
+
+
+# ------------------------------------------------------------------------------------ single files
+
+
+def test_names_round_trip_between_conventions():
+    vae = AutoencoderKL(preset("sd", block_out_channels=(32, 32, 64), norm_num_groups=8))
+    for key in vae.state_dict():
+        assert to_diffusers_name(to_original_name(key, 3), 3) == key
+    # The decoder's levels run in opposite orders: diffusers' first up block is the original's last.
+    expected = {
+        "decoder.up_blocks.0.resnets.2.conv1.weight": "decoder.up.2.block.2.conv1.weight",
+        "decoder.up_blocks.1.upsamplers.0.conv.bias": "decoder.up.1.upsample.conv.bias",
+        "encoder.mid_block.attentions.0.to_out.0.weight": "encoder.mid.attn_1.proj_out.weight",
+    }
+    assert {key: to_original_name(key, 3) for key in expected} == expected
+
+
+def test_single_file_has_original_names_and_our_config(tmp_path):
+    vae = small_vae()
+    path = vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
+
+    with safe_open(str(path), framework="pt") as file:
+        keys, metadata = set(file.keys()), file.metadata()
+        attention = file.get_tensor("encoder.mid.attn_1.q.weight")
+    assert "encoder.down.0.block.0.conv1.weight" in keys and "decoder.norm_out.weight" in keys
+    assert not any("down_blocks" in key or "up_blocks" in key for key in keys)
+    assert attention.shape == (64, 64, 1, 1)  # 1x1 conv, as ComfyUI and ldm expect
+    assert metadata["format"] == "pt"
+    assert json.loads(metadata["vaegan_config"]) == vae.config.to_dict()
+
+    before = digest(path)
+    loaded = vaegan.load(path)
+    assert loaded.config == vae.config
+    assert_same_outputs(loaded, vae)
+    assert digest(path) == before
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_single_file_is_read_by_diffusers_importer(tmp_path, name):
+    vae = small_vae(name)
+    vae.save(tmp_path / "vae.safetensors", format="single-file")
+    vae.save(tmp_path / "config")  # from_single_file takes the architecture from a diffusers folder
+
+    reference = diffusers.AutoencoderKL.from_single_file(
+        tmp_path / "vae.safetensors", config=str(tmp_path / "config")
+    )
+    assert_same_outputs(vae, reference.eval())
+
+
+def test_whole_sd_checkpoint_ckpt(tmp_path):
+    vae = small_vae()
+    vae.save(tmp_path / "vae.safetensors", format="single-file")
+    vae_tensors = load_file(tmp_path / "vae.safetensors")
+    state_dict = {f"first_stage_model.{key}": tensor for key, tensor in vae_tensors.items()}
+    state_dict["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
+    state_dict["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.randn(8)
+    torch.save({"state_dict": state_dict, "global_step": 10}, tmp_path / "sd.ckpt")
+
+    # No metadata in a .ckpt: the config says what shapes cannot (norm_num_groups=8).
+    loaded = vaegan.load(tmp_path / "sd.ckpt", config=vae.config)
+    assert_same_outputs(loaded, vae)
+
+
+@pytest.mark.parametrize("naming", ["original", "diffusers"])
+@pytest.mark.parametrize("prefix", ["", "vae.", "first_stage_model."])
+def test_architecture_is_inferred_from_shapes(tmp_path, naming, prefix):
+    vae = perturbed(AutoencoderKL(preset("sd", block_out_channels=(32, 64), layers_per_block=1)))
+    vae.save(tmp_path / "vae.safetensors", format="single-file")
+    tensors = load_file(tmp_path / "vae.safetensors") if naming == "original" else vae.state_dict()
+    save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, tmp_path / "bare.safetensors")
+
+    with pytest.warns(UserWarning, match="scaling_factor 0.18215"):
+        loaded = vaegan.load(tmp_path / "bare.safetensors")
+
+    assert loaded.config == vae.config.replace(sample_size=loaded.config.sample_size)
+    assert_same_outputs(loaded, vae)
+
+
+def test_legacy_attention_names_load(tmp_path):
+    vae = small_vae()
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, tensor in vae.state_dict().items():
+        for new, old in legacy.items():
+            key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        renamed[key] = tensor
+    save_file(renamed, tmp_path / "legacy.safetensors")
+    assert_same_outputs(vaegan.load(tmp_path / "legacy.safetensors", config=vae.config), vae)
+
+
+def test_16_channel_file_without_config_needs_its_factors(tmp_path):
+    vae = perturbed(AutoencoderKL(preset("flux", block_out_channels=(32, 64), layers_per_block=1)))
+    save_file(vae.state_dict(), tmp_path / "ae.safetensors")
+
+    with pytest.raises(FormatError, match=r"ae\.safetensors.*16 latent channels.*scaling_factor="):
+        vaegan.load(tmp_path / "ae.safetensors")
+    loaded = vaegan.load(tmp_path / "ae.safetensors", scaling_factor=0.3611, shift_factor=0.1159)
+    assert (loaded.config.scaling_factor, loaded.config.shift_factor) == (0.3611, 0.1159)
+    assert not loaded.config.use_quant_conv
+    assert_same_outputs(loaded, vae)
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return small_vae().save(tmp_path / "vae")
+
+
+def rewrite_weights(folder: Path, edit) -> None:
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights)
+
+
+def test_missing_key_is_named(folder):
+    rewrite_weights(folder, lambda t: t.pop("encoder.down_blocks.0.resnets.0.conv1.bias"))
+    with pytest.raises(FormatError, match=r"(?s)diffusion_pytorch_model\.safetensors.*1 missing keys: "
+                       r"encoder\.down_blocks\.0\.resnets\.0\.conv1\.bias"):
+        vaegan.load(folder)
+
+
+def test_unexpected_key_is_named(folder):
+    rewrite_weights(folder, lambda t: t.update({"encoder.extra.weight": torch.zeros(1)}))
+    with pytest.raises(FormatError, match=r"(?s)model\.safetensors.*unexpected keys: encoder\.extra\.weight"):
+        vaegan.load(folder)
+
+
+def test_wrong_shape_is_named(folder):
+    rewrite_weights(folder, lambda t: t.update({"decoder.conv_out.bias": torch.zeros(5)}))
+    with pytest.raises(FormatError, match=r"wrong shapes: decoder\.conv_out\.bias \(5,\) \(expected \(3,\)"):
+        vaegan.load(folder)
+
+
+def test_many_missing_keys_are_counted_not_all_listed(folder):
+    rewrite_weights(folder, lambda t: [t.pop(k) for k in list(t) if k.startswith("decoder.up_blocks")])
+    with pytest.raises(FormatError, match=r"\d+ missing keys: .* and \d+ more"):
+        vaegan.load(folder)
+
+
+def test_single_file_errors_use_the_files_own_names(tmp_path):
+    vae = small_vae()
+    path = vae.save(tmp_path / "vae.safetensors", format="single-file")
+    with safe_open(str(path), framework="pt") as file:
+        tensors, metadata = {k: file.get_tensor(k) for k in file.keys()}, file.metadata()
+    del tensors["decoder.up.1.upsample.conv.weight"]
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(FormatError, match=r"(?s)vae\.safetensors.*decoder\.up\.1\.upsample\.conv\.weight"):
+        vaegan.load(path)
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    path = small_vae().save(tmp_path / "vae.safetensors", format="single-file")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FormatError, match=r"vae\.safetensors is not a readable safetensors file"):
+        vaegan.load(path)
+
+
+def test_config_contradicting_weights_is_refused(folder):
+    config_path = folder / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "latent_channels": 8}))
+    with pytest.raises(FormatError, match=r"config\.json contradicts .*latent_channels=8 but the weights"):
+        vaegan.load(folder)
+
+
+def test_nonexistent_path_is_refused(tmp_path):
+    with pytest.raises(FormatError, match=r"nowhere\.safetensors does not exist"):
+        vaegan.load(tmp_path / "nowhere.safetensors")
+
+
+CALLS: list[str] = []
+
+
+def _record_call() -> dict:
+    CALLS.append("unpickled")
+    return {}
+
+
+class Payload:
+    """Unpickling this would call `_record_call`: what a malicious checkpoint does with os.system."""
+
+    def __reduce__(self):
+        return (_record_call, ())
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
+    torch.save({"state_dict": small_vae().state_dict(), "payload": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(FormatError, match=r"evil\.ckpt is not a readable torch checkpoint"):
+        vaegan.load(tmp_path / "evil.ckpt")
+    assert CALLS == []
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+
+@pytest.mark.parametrize("format, name", [("diffusers", "vae"), ("single-file", "vae.safetensors")])
+def test_failed_save_leaves_the_previous_artifact(tmp_path, monkeypatch, format, name):
+    good = small_vae()
+    path = good.save(tmp_path / name, format=format)
+    before = digest(path)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vaegan.formats, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        perturbed(AutoencoderKL(good.config), seed=1).save(path, format=format)
+
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left behind
+    assert_same_outputs(vaegan.load(path), good)
+
+
+def test_save_refuses_to_replace_a_folder_with_other_files(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="model_index.json"):
+        small_vae().save(tmp_path)
+    assert (tmp_path / "unet").is_dir()

@@ -1,0 +1,488 @@
+"""Read and write VAEs as diffusers folders and as single files in the original (CompVis) naming.
+
+`load` accepts what people actually have: a diffusers folder (or a whole pipeline folder with `vae/`), a
+`.safetensors`/`.ckpt`/`.pt`/`.pth` file in diffusers or original naming, with or without the
+`first_stage_model.`/`vae.` prefix, also a whole Stable Diffusion checkpoint. It is strict: any missing,
+unexpected or misshapen tensor, an unreadable file, or a config that contradicts the weights raises
+`FormatError` naming the file and the keys; nothing is ever loaded partially.
+
+`save` writes the two artifacts the ecosystem loads: a diffusers folder (`from_pretrained`) and one
+safetensors file in the original naming (ComfyUI, A1111, `from_single_file`), carrying our config in its
+metadata so that `load` needs no guessing. Writes are atomic: a failure never replaces a good artifact.
+
+Original naming <-> diffusers (REFERENCE.md §3): `down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder
+`up.(n-1-i)` <-> `up_blocks.i` (levels numbered from the lowest resolution vs. in execution order),
+`mid.attn_1.{q,k,v,proj_out}` as 1x1 convs <-> `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+METADATA_KEY = "vaegan_config"  # our config JSON inside a single file's safetensors metadata
+# In order of preference: full precision first, the fp16 variant only when it is all there is.
+WEIGHTS_CANDIDATES = (
+    WEIGHTS_NAME,
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Where a whole Stable Diffusion checkpoint (or a model wrapper) keeps its VAE.
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+# ldm's VAE training checkpoints also hold the loss (LPIPS, discriminator, logvar): not part of the VAE.
+TRAINING_LOSS_PREFIX = "loss."
+MAX_LISTED_KEYS = 10
+
+# (original, diffusers) name fragments; `{i}` is a number carried across. The decoder's level index is
+# additionally reversed (see `_reverse_up_levels`). Every fragment is dot-delimited, so no rule can
+# match inside a name that is already in the other convention.
+_RENAMES = [
+    ("encoder.down.{i}.block.", "encoder.down_blocks.{i}.resnets."),
+    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
+    ("decoder.up.{i}.block.", "decoder.up_blocks.{i}.resnets."),
+    ("decoder.up.{i}.upsample.", "decoder.up_blocks.{i}.upsamplers.0."),
+    (".mid.block_1.", ".mid_block.resnets.0."),
+    (".mid.block_2.", ".mid_block.resnets.1."),
+    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
+    (".mid.attn_1.q.", ".mid_block.attentions.0.to_q."),
+    (".mid.attn_1.k.", ".mid_block.attentions.0.to_k."),
+    (".mid.attn_1.v.", ".mid_block.attentions.0.to_v."),
+    (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
+    (".nin_shortcut.", ".conv_shortcut."),
+    (".norm_out.", ".conv_norm_out."),
+]
+# diffusers < 0.14 named the attention projections differently; single files from that era still circulate.
+_LEGACY_ATTENTION = [
+    (".attentions.0.query.", ".attentions.0.to_q."),
+    (".attentions.0.key.", ".attentions.0.to_k."),
+    (".attentions.0.value.", ".attentions.0.to_v."),
+    (".attentions.0.proj_attn.", ".attentions.0.to_out.0."),
+]
+_ATTENTION_PROJECTIONS = re.compile(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_ORIGINAL_NAMING = re.compile(r"^(encoder|decoder)\.(down|up|mid)\.")
+
+
+class FormatError(ValueError):
+    """A file or folder that is not a VAE this package can load exactly; the message names file and keys."""
+
+
+# ----------------------------------------------------------------------------------------------- naming
+
+
+def _rename(key: str, rules: list[tuple[str, str]], to_diffusers: bool) -> str:
+    for original, diffusers in rules:
+        source, target = (original, diffusers) if to_diffusers else (diffusers, original)
+        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
+        key = re.sub(pattern, target.replace("{i}", r"\1"), key)
+    return key
+
+
+def _reverse_up_levels(key: str, prefix: str, num_levels: int) -> str:
+    """`decoder.<prefix>.k.` -> `decoder.<prefix>.(n-1-k).`: the same renumbering in both directions."""
+    return re.sub(
+        rf"^decoder\.{re.escape(prefix)}\.(\d+)\.",
+        lambda m: f"decoder.{prefix}.{num_levels - 1 - int(m[1])}.",
+        key,
+    )
+
+
+def to_original_name(key: str, num_levels: int) -> str:
+    """diffusers name -> original name, e.g. `decoder.up_blocks.0.resnets.1.conv1.weight` ->
+    `decoder.up.3.block.1.conv1.weight` for 4 levels."""
+    return _reverse_up_levels(_rename(key, _RENAMES, to_diffusers=False), "up", num_levels)
+
+
+def to_diffusers_name(key: str, num_levels: int) -> str:
+    """Original name -> diffusers name; the inverse of `to_original_name`."""
+    return _rename(_reverse_up_levels(key, "up", num_levels), _RENAMES, to_diffusers=True)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Weights:
+    """A VAE state dict in diffusers naming, and how to name its keys back the way the file does."""
+
+    tensors: dict[str, torch.Tensor]
+    path: Path
+    prefix: str = ""
+    original_naming: bool = False
+    num_levels: int = 0
+
+    def file_name(self, key: str) -> str:
+        """The name the file uses (or would use) for one of our keys, for error messages."""
+        name = to_original_name(key, self.num_levels) if self.original_naming else key
+        return self.prefix + name
+
+
+def _read_tensor_file(path: Path) -> tuple[dict[str, object], dict[str, str]]:
+    """All entries of a weights file and its safetensors metadata, refusing anything but plain tensors."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                return {key: file.get_tensor(key) for key in file.keys()}, dict(file.metadata() or {})
+        except Exception as error:  # the Rust reader raises its own types for truncated or corrupt files
+            raise FormatError(f"{path} is not a readable safetensors file ({error})") from error
+    if path.suffix in TORCH_SUFFIXES:
+        try:
+            # weights_only refuses pickled code and arbitrary objects: a checkpoint must not run anything.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise FormatError(
+                f"{path} is not a readable torch checkpoint of plain tensors ({_torch_load_reason(error)}); "
+                "if it holds other pickled objects and you trust it, re-save its tensors as safetensors"
+            ) from error
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = checkpoint["state_dict"]  # a Lightning/ldm training checkpoint
+        if not isinstance(checkpoint, dict):
+            raise FormatError(f"{path} holds a {type(checkpoint).__name__}, not a state dict of tensors")
+        return checkpoint, {}
+    raise FormatError(
+        f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, {', '.join(TORCH_SUFFIXES)}"
+    )
+
+
+def _torch_load_reason(error: Exception) -> str:
+    """The informative line of torch.load's error, without its advice to drop weights_only."""
+    detail = str(error).split("WeightsUnpickler error:")[-1].strip()
+    return detail.split(". ")[0].splitlines()[0] if detail else type(error).__name__
+
+
+def _vae_weights(entries: dict[str, object], path: Path) -> _Weights:
+    """Select the VAE's tensors (dropping a checkpoint prefix) and bring them into diffusers naming."""
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in entries)), "")
+    if prefix:  # a whole checkpoint: the UNet, text encoders etc. sit beside the VAE and are not ours
+        selected = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
+    else:
+        selected = {k: v for k, v in entries.items() if not k.startswith(TRAINING_LOSS_PREFIX)}
+    not_tensors = [prefix + k for k, v in selected.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise FormatError(f"{path}: entries that are not tensors: {_list_keys(not_tensors)}")
+    if not selected:
+        raise FormatError(f"{path} holds no VAE weights (no encoder./decoder. keys)")
+
+    original_naming = any(_ORIGINAL_NAMING.match(key) for key in selected)
+    num_levels = 0
+    tensors = {}
+    if original_naming:
+        up_levels = {int(m[1]) for key in selected if (m := re.match(r"decoder\.up\.(\d+)\.", key))}
+        num_levels = max(up_levels, default=-1) + 1
+    for key, tensor in selected.items():
+        if original_naming:
+            name = to_diffusers_name(key, num_levels)
+        else:
+            name = _rename(key, _LEGACY_ATTENTION, to_diffusers=True)
+        if _ATTENTION_PROJECTIONS.search(name) and tensor.ndim > 2:
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # 1x1 conv [C, C, 1, 1] -> Linear
+        tensors[name] = tensor
+    return _Weights(tensors, path, prefix, original_naming, num_levels)
+
+
+def _indices(tensors: dict[str, torch.Tensor], pattern: str) -> set[int]:
+    return {int(m[1]) for key in tensors if (m := re.match(pattern, key))}
+
+
+def _list_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    return shown + (f" ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else "")
+
+
+def _shape(weights: _Weights, key: str) -> torch.Size:
+    if key not in weights.tensors:
+        raise FormatError(
+            f"{weights.path}: cannot infer the architecture, missing key {weights.file_name(key)}"
+        )
+    return weights.tensors[key].shape
+
+
+def _infer_config(weights: _Weights, **factors: float) -> AutoencoderConfig:
+    """The architecture implied by tensor shapes, for files that carry no config.
+
+    `norm_num_groups` leaves no trace in the shapes: it is 32 here, as in every public VAE; a model trained
+    with other groups needs `config=` (our own single files carry their config, so this is for others').
+    """
+    levels = len(_indices(weights.tensors, r"encoder\.down_blocks\.(\d+)\."))
+    widths = tuple(
+        _shape(weights, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels)
+    )
+    try:
+        return AutoencoderConfig(
+            in_channels=_shape(weights, "encoder.conv_in.weight")[1],
+            out_channels=_shape(weights, "decoder.conv_out.weight")[0],
+            block_out_channels=widths,
+            layers_per_block=len(_indices(weights.tensors, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
+            latent_channels=_shape(weights, "decoder.conv_in.weight")[1],
+            mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in weights.tensors,
+            use_quant_conv="quant_conv.weight" in weights.tensors,
+            use_post_quant_conv="post_quant_conv.weight" in weights.tensors,
+            **factors,
+        )
+    except ValueError as error:
+        raise FormatError(f"{weights.path}: the weights imply an unsupported model ({error})") from error
+
+
+def _architecture_differences(config: AutoencoderConfig, weights: _Weights) -> list[str]:
+    """`field=value` pairs where the config contradicts the shapes (empty when shapes are incomplete)."""
+    try:
+        inferred = _infer_config(weights)
+    except FormatError:
+        return []  # the key check that follows reports what is missing
+    fields = ["in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+              "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"]
+    return [
+        f"{name}={getattr(config, name)!r} but the weights have {getattr(inferred, name)!r}"
+        for name in fields
+        if getattr(config, name) != getattr(inferred, name)
+    ]
+
+
+def _check_fits(weights: _Weights, model_shapes: dict[str, torch.Size], config_origin: str) -> None:
+    """Raise unless the tensors are exactly the model's parameters: same names, same shapes."""
+    missing = [weights.file_name(k) for k in model_shapes if k not in weights.tensors]
+    unexpected = [weights.file_name(k) for k in weights.tensors if k not in model_shapes]
+    misshapen = [
+        f"{weights.file_name(k)} {tuple(t.shape)} (expected {tuple(model_shapes[k])})"
+        for k, t in weights.tensors.items()
+        if k in model_shapes and t.shape != model_shapes[k]
+    ]
+    if not (missing or unexpected or misshapen):
+        return
+    kinds = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": misshapen}
+    problems = [f"{len(keys)} {what}: {_list_keys(keys)}" for what, keys in kinds.items() if keys]
+    raise FormatError(
+        f"{weights.path} does not match the VAE described by {config_origin}:\n  " + "\n  ".join(problems)
+    )
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) for a file, a diffusers folder or a pipeline folder."""
+    if not path.exists():
+        raise FormatError(f"{path} does not exist")
+    if path.is_file():
+        return path, None
+    if not (path / CONFIG_NAME).is_file() and (path / "vae" / CONFIG_NAME).is_file():
+        path = path / "vae"  # a whole pipeline folder (model_index.json, unet/, vae/, ...)
+    if not (path / CONFIG_NAME).is_file():
+        raise FormatError(f"{path} is not a diffusers folder: no {CONFIG_NAME} (nor vae/{CONFIG_NAME})")
+    for name in WEIGHTS_CANDIDATES:
+        if (path / name).is_file():
+            return path / name, path / CONFIG_NAME
+    expected = ", ".join(WEIGHTS_CANDIDATES)
+    raise FormatError(f"{path} has {CONFIG_NAME} but no weights file; expected one of: {expected}")
+
+
+def _read_config_json(path: Path) -> AutoencoderConfig:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise FormatError(f"{path} is not readable JSON ({error})") from error
+    if data.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise FormatError(f"{path} describes a {data['_class_name']}, not an AutoencoderKL")
+    if data.get("latents_mean") is not None or data.get("latents_std") is not None:
+        warnings.warn(
+            f"{path} sets latents_mean/latents_std, which vaegan does not carry: a later save drops them",
+            stacklevel=3,
+        )
+    try:
+        return AutoencoderConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise FormatError(f"{path} is not a config this package supports: {error}") from error
+
+
+def _guess_factors(weights: _Weights, scaling_factor: float | None, shift_factor: float | None) -> dict:
+    """Latent normalisation for a file with no config: explicit values, else SD's for 4 channels.
+
+    16-channel files are SD3's or Flux's, whose factors differ (1.5305/0.0609 vs 0.3611/0.1159) and cannot be
+    told apart from shapes; a wrong guess silently washes images out, so those must be given.
+    """
+    if scaling_factor is not None:
+        return {"scaling_factor": scaling_factor, "shift_factor": shift_factor or 0.0}
+    latent_channels = _shape(weights, "decoder.conv_in.weight")[1]
+    if latent_channels == 4:
+        warnings.warn(
+            f"{weights.path} carries no config: assuming Stable Diffusion's scaling_factor "
+            f"{PRESETS['sd'].scaling_factor}; pass scaling_factor= if it is another model (SDXL: 0.13025)",
+            stacklevel=3,
+        )
+        return {"scaling_factor": PRESETS["sd"].scaling_factor, "shift_factor": shift_factor or 0.0}
+    raise FormatError(
+        f"{weights.path} carries no config and has {latent_channels} latent channels, so its latent scaling "
+        "cannot be guessed; pass scaling_factor= (and shift_factor=), or config='sd3' / config='flux'"
+    )
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    config: AutoencoderConfig | str | None = None,
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> AutoencoderKL:
+    """Load a VAE from a diffusers folder, a pipeline folder or a single weights file, in eval mode.
+
+    The architecture comes from `config` (a config or a preset name) when given, else from the folder's
+    config.json or the file's vaegan metadata, else from the tensor shapes. Explicit `scaling_factor` /
+    `shift_factor` override whatever the source says. Parameters are fp32 unless `dtype` is given, whatever
+    the file's precision (highest precision by default, as in diffusers).
+    """
+    weights_path, config_path = _locate(Path(path))
+    entries, metadata = _read_tensor_file(weights_path)
+    weights = _vae_weights(entries, weights_path)
+
+    if isinstance(config, str):
+        config, origin = preset(config), f"preset {config!r}"
+    elif config is not None:
+        origin = "the given config"
+    elif config_path is not None:
+        config, origin = _read_config_json(config_path), str(config_path)
+    elif METADATA_KEY in metadata:
+        try:
+            config = AutoencoderConfig.from_dict(json.loads(metadata[METADATA_KEY]))
+        except (TypeError, ValueError) as error:
+            raise FormatError(f"{weights_path}: unreadable {METADATA_KEY} metadata ({error})") from error
+        origin = f"its {METADATA_KEY} metadata"
+    else:
+        config = _infer_config(weights, **_guess_factors(weights, scaling_factor, shift_factor))
+        origin = "its tensor shapes (norm_num_groups assumed 32)"
+
+    differences = _architecture_differences(config, weights)
+    if differences:
+        raise FormatError(f"{origin} contradicts the weights in {weights_path}: " + "; ".join(differences))
+    overrides = {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    config = config.replace(**{name: value for name, value in overrides.items() if value is not None})
+
+    with torch.device("meta"):  # no random init: every parameter is assigned from the file below
+        vae = AutoencoderKL(config)
+    _check_fits(weights, {k: v.shape for k, v in vae.state_dict().items()}, origin)
+    dtype = dtype or torch.float32
+    vae.load_state_dict({k: v.to(dtype).contiguous() for k, v in weights.tensors.items()}, assign=True)
+    return vae.eval()
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def diffusers_config(config: AutoencoderConfig) -> dict:
+    """config.json for `diffusers.AutoencoderKL`: exactly the keys its constructor takes, so no warnings."""
+    levels = len(config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": _diffusers_version(),
+        **config.to_dict(),  # shift_factor stays a number: SD3/Flux pipelines crash on null
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "latents_mean": None,
+        "latents_std": None,
+    }
+
+
+def _diffusers_version() -> str:
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.30.0"  # diffusers is optional here; this is the oldest version pyproject allows
+
+
+def _tensors_for_saving(vae: AutoencoderKL, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {
+        key: tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+        for key, tensor in vae.state_dict().items()
+    }
+
+
+def _original_state_dict(tensors: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """diffusers-named tensors -> original naming, attention projections as 1x1 conv weights."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        if _ATTENTION_PROJECTIONS.search(key):
+            tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        renamed[to_original_name(key, num_levels)] = tensor.contiguous()
+    return renamed
+
+
+def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file beside `path`, then rename: readers see the old file or the new one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary folder beside `path`, then swap it in; a replaced folder is deleted only after."""
+    if path.is_file():
+        raise FileExistsError(f"{path} is a file; the diffusers format writes a folder")
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, *WEIGHTS_CANDIDATES))
+        if foreign:
+            raise FileExistsError(
+                f"refusing to replace {path}: it holds files a diffusers VAE does not ({', '.join(foreign)})"
+            )
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    previous = temporary.with_name(temporary.name + ".old")
+    try:
+        write(temporary)
+        if path.exists():
+            os.replace(path, previous)
+        os.replace(temporary, path)
+    except BaseException:
+        if previous.exists() and not path.exists():
+            os.replace(previous, path)  # the swap itself failed: put the old folder back
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def save(
+    vae: AutoencoderKL,
+    path: str | os.PathLike,
+    format: Literal["diffusers", "single-file"] = "diffusers",
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `vae` as a diffusers folder or as one original-naming `.safetensors` file; returns the path.
+
+    `dtype` casts the stored tensors (e.g. torch.float16 for a half-size release); the model is unchanged.
+    """
+    path = Path(path)
+    if format not in ("diffusers", "single-file"):
+        raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
+    if format == "single-file" and path.suffix != ".safetensors":
+        raise ValueError(f"a single-file VAE is written as .safetensors, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors_for_saving(vae, dtype)
+    if format == "diffusers":
+        def write_folder(folder: Path) -> None:
+            (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(vae.config), indent=2) + "\n")
+            save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+        _write_folder_atomically(path, write_folder)
+    else:
+        original = _original_state_dict(tensors, len(vae.config.block_out_channels))
+        metadata = {"format": "pt", METADATA_KEY: json.dumps(vae.config.to_dict())}
+        _write_file_atomically(path, lambda file: save_file(original, str(file), metadata=metadata))
+    return path
