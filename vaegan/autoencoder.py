@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_layers
-        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:], strict=False))
+        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in pairwise(widths))
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +203,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_layers
-        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in zip(widths, widths[1:], strict=False))
+        self.resnets = nn.ModuleList(ResnetBlock2D(a, b, groups) for a, b in pairwise(widths))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
