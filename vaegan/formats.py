@@ -37,7 +37,8 @@ from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
-METADATA_KEY = "vaegan_config"  # our config JSON inside a single file's safetensors metadata
+# Our config JSON: in a single file's safetensors metadata, and in a training checkpoint's top-level dict.
+METADATA_KEY = "vaegan_config"
 # In order of preference: full precision first, the fp16 variant only when it is all there is.
 WEIGHTS_CANDIDATES = (
     WEIGHTS_NAME,
@@ -135,8 +136,11 @@ class _Weights:
         return self.prefix + name
 
 
-def _read_tensor_file(path: Path) -> tuple[dict[str, object], dict[str, str]]:
-    """All entries of a weights file and its safetensors metadata, refusing anything but plain tensors."""
+def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str, object], dict[str, str]]:
+    """All entries of a weights file and its safetensors metadata, refusing anything but plain tensors.
+
+    For a vaegan training checkpoint, `weights` picks the EMA (`"ema"`) or the trained (`"model"`) weights.
+    """
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as file:
@@ -152,6 +156,8 @@ def _read_tensor_file(path: Path) -> tuple[dict[str, object], dict[str, str]]:
                 f"{path} is not a readable torch checkpoint of plain tensors ({_torch_load_reason(error)}); "
                 "if it holds other pickled objects and you trust it, re-save its tensors as safetensors"
             ) from error
+        if isinstance(checkpoint, dict) and METADATA_KEY in checkpoint:
+            return _training_checkpoint_weights(checkpoint, path, weights)
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
             checkpoint = checkpoint["state_dict"]  # a Lightning/ldm training checkpoint
         if not isinstance(checkpoint, dict):
@@ -160,6 +166,24 @@ def _read_tensor_file(path: Path) -> tuple[dict[str, object], dict[str, str]]:
     raise FormatError(
         f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, {', '.join(TORCH_SUFFIXES)}"
     )
+
+
+def _training_checkpoint_weights(
+    checkpoint: dict, path: Path, weights: str | None
+) -> tuple[dict[str, object], dict[str, str]]:
+    """The autoencoder of a vaegan training checkpoint: the EMA weights when it kept an EMA, unless told
+    otherwise by `weights`."""
+    state = checkpoint.get("state_dict", {})
+    has_ema = any(key.startswith("ema.") for key in state)
+    if weights is None:
+        weights = "ema" if has_ema else "model"
+    if weights not in ("ema", "model"):
+        raise FormatError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if weights == "ema" and not has_ema:
+        raise FormatError(f"{path} was trained without an EMA (ema_decay: null); use weights='model'")
+    prefix = "ema." if weights == "ema" else "vae."
+    selected = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return selected, {METADATA_KEY: json.dumps(checkpoint[METADATA_KEY])}
 
 
 def _torch_load_reason(error: Exception) -> str:
@@ -338,8 +362,10 @@ def load(
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
     dtype: torch.dtype | None = None,
+    weights: str | None = None,
 ) -> AutoencoderKL:
-    """Load a VAE from a diffusers folder, a pipeline folder or a single weights file, in eval mode.
+    """Load a VAE from a diffusers folder, a pipeline folder, a single weights file, or a vaegan training
+    checkpoint (its EMA weights by default; `weights="model"` for the raw trained weights), in eval mode.
 
     The architecture comes from `config` (a config or a preset name) when given, else from the folder's
     config.json or the file's vaegan metadata, else from the tensor shapes. Explicit `scaling_factor` /
@@ -347,7 +373,7 @@ def load(
     the file's precision (highest precision by default, as in diffusers).
     """
     weights_path, config_path = _locate(Path(path))
-    entries, metadata = _read_tensor_file(weights_path)
+    entries, metadata = _read_tensor_file(weights_path, weights)
     weights = _vae_weights(entries, weights_path)
 
     if isinstance(config, str):

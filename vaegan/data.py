@@ -1,0 +1,564 @@
+"""Image sources (a folder, a Hugging Face `datasets` source, the bundled demo photos) and the data module.
+
+Bad files never stop a run. A folder is pre-scanned at setup (file headers only, cheap): zero-byte,
+non-image and tiny files are dropped there. What only fails on a full decode (a truncated JPEG, a corrupt row
+of a `datasets` source) is found at `__getitem__` time: the dataset falls back to the next index,
+deterministically, and reports the skipped file inside the batch. Both kinds are collected by the data
+module, which warns once per file (rank zero) and keeps them in `ImageDataModule.skipped`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from vaegan.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    is_tiny,
+    load_image,
+    random_crop,
+    resize_center_crop,
+    to_tensor,
+)
+
+# `prefix:PATH` sources go to the `datasets` builder of that name: PATH a directory (data_dir) or files/globs.
+BUILDER_PREFIXES = ("imagefolder", "webdataset", "parquet", "arrow")
+
+# The demo set: real photos bundled with scikit-image (public domain / CC0), no network needed. Two photos are
+# held out whole for validation, so validation never sees a crop of a training photo.
+DEMO_TRAIN_PHOTOS = (
+    "astronaut",
+    "rocket",
+    "hubble_deep_field",
+    "motorcycle",
+    "retina",
+    "immunohistochemistry",
+    "camera",
+)
+DEMO_VAL_PHOTOS = ("chelsea", "coffee")
+# Seven photos make a seven-sample epoch; each photo yields this many random crops per epoch instead.
+DEMO_CROPS_PER_PHOTO = 32
+
+# A stream has no length, so a fraction cannot be held out of it: this many leading examples are, by default.
+STREAMING_HOLDOUT = 1000
+# Shuffle buffer of a streamed training source: enough to mix neighbouring shards, small enough for RAM.
+STREAMING_SHUFFLE_BUFFER = 1000
+# How many following indices a map-style dataset tries before concluding the source is all bad.
+MAX_FALLBACKS = 100
+
+Skip = tuple[str, str]  # (file or row name, reason)
+
+
+class ImageReader(Protocol):
+    """Random access to the images of one source."""
+
+    def __len__(self) -> int: ...
+    def read(self, index: int) -> Image.Image: ...  # RGB; raises ImageError
+    def name(self, index: int) -> str: ...
+
+
+class FolderImages:
+    """Image files on disk (already scanned)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> Image.Image:
+        return load_image(self.paths[index])
+
+    def name(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+class ArrayImages:
+    """Images held in memory as uint8 arrays (the demo photos)."""
+
+    def __init__(self, names: list[str], arrays: list[np.ndarray]):
+        self.names, self.arrays = names, arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def read(self, index: int) -> Image.Image:
+        return load_image(Image.fromarray(self.arrays[index]), name=self.names[index])
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+
+class HubImages:
+    """One image column of a map-style `datasets.Dataset`, decoded by `load_image` rather than `datasets`."""
+
+    def __init__(self, dataset: Any, column: str, label: str):
+        self.dataset, self.column, self.label = dataset, column, label
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, index: int) -> Image.Image:
+        value = self.dataset[index][self.column]
+        return load_image(value, name=_row_name(value, f"{self.label}[{index}]"))
+
+    def name(self, index: int) -> str:
+        return _row_name(self.dataset[index][self.column], f"{self.label}[{index}]")
+
+
+class _Subset:
+    """Some indices of an `ImageReader`, itself an `ImageReader`."""
+
+    def __init__(self, reader: ImageReader, indices: list[int]):
+        self.reader, self.indices = reader, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, index: int) -> Image.Image:
+        return self.reader.read(self.indices[index])
+
+    def name(self, index: int) -> str:
+        return self.reader.name(self.indices[index])
+
+
+def _subset(reader: ImageReader, indices: Any) -> _Subset:
+    return _Subset(reader, list(indices))
+
+
+class TrainCrop:
+    """Random native-resolution crop (upscaled when the image is smaller) and optional flip, as a tensor."""
+
+    def __init__(self, resolution: int, flip: bool):
+        self.resolution, self.flip = resolution, flip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        crop, _, _ = random_crop(image, self.resolution, flip=self.flip)
+        return to_tensor(crop)  # (3, R, R) in [-1, 1]
+
+
+class EvalCrop:
+    """The deterministic evaluation protocol: shorter side resized to the resolution, centre crop."""
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        crop, _ = resize_center_crop(image, self.resolution)
+        return to_tensor(crop)  # (3, R, R) in [-1, 1]
+
+
+def tiny_error(name: str, size: tuple[int, int], min_size: int) -> ImageError:
+    return ImageError(f"{name}: tiny ({size[0]}x{size[1]}, shorter side below min_size={min_size})")
+
+
+def _row_name(value: Any, fallback: str) -> str:
+    """A `datasets` row's file path when it has one (imagefolder rows do), else `source[index]`."""
+    return str(value["path"]) if isinstance(value, dict) and value.get("path") else fallback
+
+
+class ImageDataset(Dataset):
+    """Map-style: item i is `{"image": (3, R, R) tensor, "skipped": [(name, reason), ...]}`.
+
+    An unreadable or tiny image at i is replaced by the next readable index (i+1, i+2, ...), so a given index
+    always yields the same image, and the replaced names travel with the item to the data module's count.
+    `repeats` lists every image that many times per epoch (random crops make each repeat a new sample).
+    """
+
+    def __init__(
+        self,
+        reader: ImageReader,
+        transform: Callable[[Image.Image], torch.Tensor],
+        min_size: int,
+        repeats: int = 1,
+    ):
+        if len(reader) == 0:
+            raise ValueError("an image dataset needs at least one image")
+        self.reader, self.transform, self.min_size, self.repeats = reader, transform, min_size, repeats
+        self._bad: set[int] = set()  # per process (each worker has its copy): bad images are decoded once
+
+    def __len__(self) -> int:
+        return len(self.reader) * self.repeats
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = len(self.reader)
+        skipped: list[Skip] = []
+        for offset in range(min(size, MAX_FALLBACKS)):
+            position = (index + offset) % size
+            if position in self._bad:
+                continue
+            try:
+                image = self.reader.read(position)
+                if is_tiny(image.size, self.min_size):
+                    raise tiny_error(self.reader.name(position), image.size, self.min_size)
+            except ImageError as error:
+                self._bad.add(position)
+                skipped.append((self.reader.name(position), str(error)))
+                continue
+            return {"image": self.transform(image), "skipped": skipped}
+        raise RuntimeError(
+            f"no readable image in {min(size, MAX_FALLBACKS)} tries from index {index}; broken source? "
+            + "; ".join(reason for _, reason in skipped[:5])
+        )
+
+
+class StreamingImageDataset(IterableDataset):
+    """A streamed `datasets.IterableDataset` as `{"image", "skipped"}` items; bad rows are skipped in passing.
+
+    Sharding across ranks is done beforehand (`split_dataset_by_node`); `datasets` itself splits shards
+    across DataLoader workers. The shuffle is reseeded each pass: the epoch is counted here, because
+    persistent workers keep their own copy of this object and never see a `set_epoch` call made in the main
+    process.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        column: str,
+        label: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+        min_size: int,
+        shuffle_seed: int | None = None,
+    ):
+        super().__init__()
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(seed=shuffle_seed, buffer_size=STREAMING_SHUFFLE_BUFFER)
+        self.dataset, self.column, self.label = dataset, column, label
+        self.transform, self.min_size = transform, min_size
+        self._epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_epoch(self._epoch)
+        self._epoch += 1
+        skipped: list[Skip] = []
+        pending: dict[str, Any] | None = None
+        for index, row in enumerate(self.dataset):
+            name = _row_name(row[self.column], f"{self.label}[{index}]")
+            try:
+                image = load_image(row[self.column], name=name)
+                if is_tiny(image.size, self.min_size):
+                    raise tiny_error(name, image.size, self.min_size)
+            except ImageError as error:
+                skipped.append((name, str(error)))
+                continue
+            # Hold each item back by one so that bad rows at the very end still ride on the last item.
+            if pending is not None:
+                yield pending
+            pending, skipped = {"image": self.transform(image), "skipped": skipped}, []
+        if pending is not None:
+            pending["skipped"] += skipped
+            yield pending
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images to (B, 3, R, R); concatenate the skip reports."""
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "skipped": [skip for item in items for skip in item["skipped"]],
+    }
+
+
+def list_image_files(root: Path) -> list[Path]:
+    """Files with an image extension under `root`, recursively, in a stable (sorted) order."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        found += [Path(directory) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def scan_image_files(paths: list[Path], min_size: int) -> tuple[list[Path], list[Skip]]:
+    """Read only each file's header: keep the ones that open with a large enough size, report the rest."""
+    good: list[Path] = []
+    skipped: list[Skip] = []
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path}: zero-byte file")
+            with Image.open(path) as image:  # lazy: reads the header, not the pixels
+                size = image.size
+            if is_tiny(size, min_size):
+                raise tiny_error(str(path), size, min_size)
+            good.append(path)
+        except ImageError as error:
+            skipped.append((str(path), str(error)))
+        except Exception as error:  # UnidentifiedImageError, permission errors...: the file is unusable
+            skipped.append((str(path), f"{path}: cannot open ({type(error).__name__}: {error})"))
+    return good, skipped
+
+
+def is_image_folder(spec: str) -> bool:
+    """A directory holding image files, and not a dataset saved with `save_to_disk`."""
+    path = Path(spec)
+    if not path.is_dir() or _is_saved_dataset(path):
+        return False
+    return any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(path) for f in files)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def load_hub_source(spec: str, split: str, streaming: bool) -> Any:
+    """Open a `datasets` source: `prefix:PATH`, a `save_to_disk` folder, a local dataset or a hub name."""
+    import datasets  # imported here: a folder or the demo set should not pay for importing `datasets`
+
+    prefix, _, rest = spec.partition(":")
+    if prefix in BUILDER_PREFIXES and rest:
+        location = {"data_dir": rest} if Path(rest).is_dir() else {"data_files": rest}
+        return datasets.load_dataset(prefix, split=split, streaming=streaming, **location)
+    if Path(spec).is_dir() and _is_saved_dataset(Path(spec)):
+        loaded = datasets.load_from_disk(spec)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{spec} has splits {list(loaded)}, not split={split!r}")
+            loaded = loaded[split]
+        # Several shards so DataLoader workers can split the stream between them.
+        return loaded.to_iterable_dataset(num_shards=min(len(loaded), 16)) if streaming else loaded
+    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
+        raise ValueError(f"{spec}: no such file or directory (a hub name looks like owner/name)")
+    return datasets.load_dataset(spec, split=split, streaming=streaming)
+
+
+def image_column_only(dataset: Any, column: str, spec: str) -> Any:
+    """Keep just the image column, undecoded: `load_image` decodes it so a bad row is skipped, not fatal."""
+    import datasets
+
+    names = dataset.column_names
+    if names is not None and column not in names:
+        raise ValueError(f"{spec} has no column {column!r}; its columns are {names}: set image_column")
+    dataset = dataset.select_columns([column])
+    if isinstance((dataset.features or {}).get(column), datasets.Image):
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def load_demo_photos(names: tuple[str, ...]) -> ArrayImages:
+    """The named scikit-image photos as RGB arrays (grayscale ones are expanded)."""
+    import skimage.data
+
+    arrays = []
+    for name in names:
+        # The motorcycle comes as a stereo pair; its left view is an ordinary photo.
+        array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+        arrays.append(np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array)
+    return ArrayImages([f"skimage.data.{name}" for name in names], arrays)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Training and validation images for the autoencoder.
+
+    How `source` (and `val_source`) is read:
+      * None: the demo set, photos bundled with scikit-image (offline). Training takes random crops of seven
+        photos; validation is the centre crop of two other photos (chelsea, coffee) held out whole.
+      * an existing directory with image files: every image under it, recursively (`.jpg .png .webp ...`).
+      * `imagefolder:PATH`, `webdataset:PATH`, `parquet:PATH`, `arrow:PATH`: that `datasets` builder, with
+        PATH a directory (data_dir) or a file / glob (data_files).
+      * a directory written by `Dataset.save_to_disk`: `datasets.load_from_disk`.
+      * anything else (a hub name, a local dataset repository): `datasets.load_dataset(source, split=split)`.
+
+    Validation comes from `val_source` if given, else from `val_split` of the same source (e.g. "validation"),
+    else from a deterministic held-out part of the training source: `val_count` images (default: a
+    `val_holdout` fraction; for a stream, the first 1000). `val_count` also caps a `val_source`/`val_split`.
+
+    Batches: the dataloaders yield `{"image": (B, 3, R, R) float in [-1, 1], "skipped": [(name, reason)]}`.
+    Inside a Trainer, `on_before_batch_transfer` records the skips and hands the LightningModule just the
+    image tensor (B, 3, R, R). Skipped files are in `self.skipped` ({name: reason}); DDP ranks count their
+    own.
+    """
+
+    def __init__(
+        self,
+        source: str | None = None,
+        val_source: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        image_column: str = "image",
+        streaming: bool = False,
+        resolution: int = 256,
+        val_resolution: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        min_size: int = 128,
+        random_flip: bool = True,
+        val_holdout: float = 0.01,
+        val_count: int | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            source: training images (see the class docstring); None trains on the bundled demo photos.
+            val_source: validation images, read like `source`; None holds validation out of `source`.
+            split: the `datasets` split of `source` ("train" is what hub datasets and builders name it).
+            val_split: a split of `source` to validate on, e.g. "validation" (or of `val_source` if set).
+            image_column: the column holding images in a `datasets` source (webdataset names it by extension,
+                e.g. "jpg").
+            streaming: stream a `datasets` source instead of downloading it (no length; sharded by rank).
+            resolution: training crop size; 256 is the SD-VAE recipe.
+            val_resolution: validation size (shorter side resized, centre crop); None: same as `resolution`.
+            batch_size: images per batch per device.
+            num_workers: DataLoader processes decoding images; 0 decodes in the main process.
+            min_size: images whose shorter side is below this are skipped: upscaling them more than 2x
+                (at 256) would mostly teach the decoder blur.
+            random_flip: mirror half of the training crops; photos look as natural mirrored.
+            val_holdout: fraction of `source` held out for validation when neither `val_source` nor
+                `val_split` is given (1% keeps validation small next to training).
+            val_count: number of validation images (held out, or the first of `val_source`); None: see above.
+            seed: seeds the held-out split and the stream shuffle, so reruns validate on the same images.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= val_holdout < 1.0:
+            raise ValueError(f"val_holdout must be a fraction in [0, 1), got {val_holdout}")
+        if streaming and (source is None or is_image_folder(source)):
+            raise ValueError(
+                f"streaming applies to `datasets` sources; source={source!r} is read from disk directly "
+                "(use imagefolder:PATH to stream a local folder)"
+            )
+        self.source, self.val_source, self.split, self.val_split = source, val_source, split, val_split
+        self.image_column, self.streaming = image_column, streaming
+        self.resolution, self.val_resolution = resolution, val_resolution or resolution
+        self.batch_size, self.num_workers, self.min_size = batch_size, num_workers, min_size
+        self.random_flip, self.seed = random_flip, seed
+        self.val_holdout, self.val_count = val_holdout, val_count
+        self.skipped: dict[str, str] = {}
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct files (or rows) were skipped so far, at setup and while loading."""
+        return len(self.skipped)
+
+    def record_skips(self, skips: list[Skip]) -> None:
+        """Count skipped files and warn once per file (rank zero only, like all Lightning warnings)."""
+        for name, reason in skips:
+            if name not in self.skipped:
+                self.skipped[name] = reason
+                rank_zero_warn(f"skipped image {reason} ({len(self.skipped)} skipped so far)")
+
+    def prepare_data(self) -> None:
+        """Download hub sources once per node before every rank opens them (from the cache) in `setup`."""
+        if self.streaming or self.source is None:
+            return
+        sources = [(self.source, self.split)]
+        if self.val_source is not None or self.val_split is not None:
+            sources.append((self.val_source or self.source, self.val_split or self.split))
+        for spec, split in sources:
+            if not is_image_folder(spec):
+                load_hub_source(spec, split, streaming=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        train_crop = TrainCrop(self.resolution, self.random_flip)
+        val_crop = EvalCrop(self.val_resolution)
+        if self.source is None:
+            # The demo photos are all large and clean: no tiny check needed beyond the crop's own upscaling.
+            self.train_dataset = ImageDataset(
+                load_demo_photos(DEMO_TRAIN_PHOTOS), train_crop, min_size=0, repeats=DEMO_CROPS_PER_PHOTO
+            )
+            self.val_dataset = ImageDataset(load_demo_photos(DEMO_VAL_PHOTOS), val_crop, min_size=0)
+        elif self.streaming:
+            self._setup_streaming(train_crop, val_crop)
+        else:
+            self._setup_map_style(train_crop, val_crop)
+
+    def _setup_map_style(self, train_crop: TrainCrop, val_crop: EvalCrop) -> None:
+        train = self._reader(self.source, self.split)
+        if self.val_source is not None or self.val_split is not None:
+            spec = self.val_source or self.source
+            val = self._reader(spec, self.val_split or self.split)
+            val = _subset(val, range(min(len(val), self.val_count or len(val))))
+        else:
+            # A seeded permutation, not the first files: folders are often sorted by class or by date.
+            held_out = self.val_count or max(1, round(self.val_holdout * len(train)))
+            if held_out >= len(train):
+                raise ValueError(
+                    f"{self.source}: holding out {held_out} of {len(train)} images leaves nothing "
+                    "to train on; lower val_count / val_holdout or give val_source"
+                )
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            train, val = _subset(train, sorted(order[held_out:])), _subset(train, sorted(order[:held_out]))
+        self.train_dataset = ImageDataset(train, train_crop, self.min_size)
+        self.val_dataset = ImageDataset(val, val_crop, self.min_size)
+
+    def _reader(self, spec: str, split: str) -> ImageReader:
+        if is_image_folder(spec):
+            good, skipped = scan_image_files(list_image_files(Path(spec)), self.min_size)
+            self.record_skips(skipped)
+            if not good:
+                raise ValueError(f"{spec}: no usable images ({len(skipped)} skipped)")
+            return FolderImages(good)
+        return HubImages(
+            image_column_only(load_hub_source(spec, split, False), self.image_column, spec),
+            self.image_column,
+            spec,
+        )
+
+    def _setup_streaming(self, train_crop: TrainCrop, val_crop: EvalCrop) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        train = image_column_only(
+            load_hub_source(self.source, self.split, True), self.image_column, self.source
+        )
+        if self.val_source is not None or self.val_split is not None:
+            spec = self.val_source or self.source
+            val = image_column_only(
+                load_hub_source(spec, self.val_split or self.split, True), self.image_column, spec
+            )
+            val = val.take(self.val_count) if self.val_count else val
+        else:
+            held_out = self.val_count or STREAMING_HOLDOUT
+            train, val = train.skip(held_out), train.take(held_out)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if world_size > 1:
+            train = split_dataset_by_node(train, rank=rank, world_size=world_size)
+            val = split_dataset_by_node(val, rank=rank, world_size=world_size)
+        self.train_dataset = StreamingImageDataset(
+            train, self.image_column, self.source, train_crop, self.min_size, shuffle_seed=self.seed
+        )
+        self.val_dataset = StreamingImageDataset(
+            val, self.image_column, str(self.val_source or self.source), val_crop, self.min_size
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=not self.streaming)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            # Workers keep their copies (and the datasets' bad-index memory) across epochs, and start once.
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the batch's skipped files; the LightningModule receives the image tensor (B, 3, R, R)."""
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.record_skips(batch["skipped"])
+            return batch["image"]
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped:
+            rank_zero_info(f"{self.num_skipped} images were skipped as unreadable or tiny (see `skipped`)")

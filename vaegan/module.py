@@ -1,0 +1,393 @@
+"""The VAE-GAN training module: a KL autoencoder against a PatchGAN, with L1/L2 + LPIPS reconstruction.
+
+Read `training_step` top to bottom: one generator (autoencoder) step, then one discriminator step, per
+batch. Optimization is manual, so this module does what the Trainer cannot: gradient accumulation,
+clipping, the EMA, and counting *batches* (Lightning's `global_step` counts every optimizer step, two per
+batch once the discriminator trains, which silently halves step-based schedules in other trainers).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+
+from vaegan.autoencoder import AutoencoderKL, preset
+from vaegan.discriminator import PatchDiscriminator
+from vaegan.formats import load
+from vaegan.grids import reconstruction_grid, save_grid
+from vaegan.losses import (
+    adaptive_gan_weight,
+    discriminator_loss,
+    gan_weight_schedule,
+    generator_adversarial_loss,
+    kl_loss,
+    nll_loss,
+    reconstruction_loss,
+)
+from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
+from vaegan.perceptual import PerceptualLoss
+
+
+class VAEGAN(L.LightningModule):
+    """Train (or fine-tune) an `AutoencoderKL` with the latent-diffusion objective.
+
+    Args:
+        arch: preset of the autoencoder to train from scratch (`sd`, `sdxl`, `sd3`, `flux`, `tiny`).
+        latent_channels: overrides the preset's latent channels (e.g. 16 for a Flux-like codec).
+        init_from: fine-tune from any VAE `vaegan.load` reads; its architecture replaces `arch`.
+        train_decoder_only: freeze encoder and quant conv (the sd-vae-ft-EMA/MSE recipe), so the latent space
+            that existing diffusion models were trained on stays exactly the same.
+        reconstruction: pixel loss, `l1` (the LDM recipe) or `l2` (sd-vae-ft-MSE).
+        perceptual_net: LPIPS backbone; `vgg` as in the released recipe.
+        perceptual_weight: LPIPS weight (1.0 in LDM, 0.1 in ft-MSE, 0.25 in Stability's sgm configs).
+        perceptual_weights_file: backbone weights; else `$VAEGAN_WEIGHTS_DIR`, else torchvision's cache.
+        allow_random_perceptual: permit a random LPIPS backbone when no weights exist (only for smoke tests).
+        kl_weight: weight of the KL term, whose reduction is a per-element mean (see `losses.kl_loss`).
+        learn_logvar: optimize the log-variance of the reconstruction likelihood (LDM defines it, never trains it).
+        logvar_init: its initial value.
+        disc_start: batch (not optimizer step) at which the discriminator starts training.
+        disc_warmup: batches over which the adversarial weight ramps from 0 to 1 after `disc_start`, so a fresh
+            discriminator cannot wreck the reconstructions (taming-transformers #44).
+        disc_weight: adversarial weight (multiplies the adaptive weight when `adaptive_disc_weight`).
+        adaptive_disc_weight: balance the adversarial gradient against the reconstruction gradient at the
+            decoder's last layer (LDM); else a constant weight (LiteVAE's choice under mixed precision).
+        gan_loss: `hinge` (LDM), `vanilla` or `non_saturating`.
+        disc_layers, disc_channels, disc_norm, disc_spectral_norm: the PatchGAN's shape.
+        lr, disc_lr: learning rates of autoencoder and discriminator (`disc_lr` defaults to `lr`).
+        betas: Adam betas; (0.5, 0.9) as in LDM.
+        optimizer: `adam` or `adamw`; `weight_decay` applies to both.
+        lr_warmup: batches of linear learning-rate warm-up.
+        lr_schedule: `constant` or `cosine` decay to 10 % over `max_batches`.
+        grad_clip: max gradient norm of each network (None: no clipping).
+        accumulate_grad_batches: batches per optimizer step.
+        ema_decay: decay of the weight EMA (None: no EMA); warmed up as min(decay, (1 + n) / (10 + n)).
+        validate_with_ema: validate (and export) the EMA weights.
+        max_batches: training length in batches; the run stops there (set the Trainer's `max_steps` to -1).
+        channels_last: run the networks in channels_last memory format (faster convolutions on GPUs).
+        compile: `torch.compile` the autoencoder and the discriminator.
+        grid_images: validation images shown in the reconstruction grid.
+    """
+
+    def __init__(
+        self,
+        arch: str = "tiny",
+        latent_channels: int | None = None,
+        init_from: str | None = None,
+        train_decoder_only: bool = False,
+        reconstruction: Literal["l1", "l2"] = "l1",
+        perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
+        perceptual_weight: float = 1.0,
+        perceptual_weights_file: str | None = None,
+        allow_random_perceptual: bool = False,
+        kl_weight: float = 1e-6,
+        learn_logvar: bool = True,
+        logvar_init: float = 0.0,
+        disc_start: int = 50_001,
+        disc_warmup: int = 0,
+        disc_weight: float = 0.5,
+        adaptive_disc_weight: bool = True,
+        gan_loss: Literal["hinge", "vanilla", "non_saturating"] = "hinge",
+        disc_layers: int = 3,
+        disc_channels: int = 64,
+        disc_norm: Literal["batch", "group", "none"] = "group",
+        disc_spectral_norm: bool = False,
+        lr: float = 1e-4,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.5, 0.9),
+        optimizer: Literal["adam", "adamw"] = "adam",
+        weight_decay: float = 0.0,
+        lr_warmup: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        grad_clip: float | None = 1.0,
+        accumulate_grad_batches: int = 1,
+        ema_decay: float | None = 0.999,
+        validate_with_ema: bool = True,
+        max_batches: int = 100_000,
+        channels_last: bool = False,
+        compile: bool = False,
+        grid_images: int = 8,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+
+        if init_from is not None:
+            self.vae = load(init_from)
+        else:
+            overrides = {"latent_channels": latent_channels} if latent_channels else {}
+            self.vae = AutoencoderKL(preset(arch, **overrides))
+        if train_decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            if self.vae.quant_conv is not None:
+                self.vae.quant_conv.requires_grad_(False)
+        self.ema = copy.deepcopy(self.vae).requires_grad_(False) if ema_decay is not None else None
+
+        self.discriminator = PatchDiscriminator(
+            in_channels=self.vae.config.out_channels,
+            base_channels=disc_channels,
+            num_layers=disc_layers,
+            norm=disc_norm,
+            spectral_norm=disc_spectral_norm,
+        )
+        # Frozen and in eval mode for the whole run; its parameters are in no optimizer.
+        self.perceptual = PerceptualLoss(
+            net=perceptual_net, weights=perceptual_weights_file, allow_random_backbone=allow_random_perceptual
+        )
+        self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+        # Counted here rather than read from the Trainer: see the module docstring.
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+
+        self._latent_statistics = LatentStatistics()
+        self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_batch_time: float | None = None
+
+    # ---------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            for network in (self.vae, self.ema, self.discriminator):
+                if network is not None:
+                    network.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.vae.compile()
+            self.discriminator.compile()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        generator_params = [p for p in self.vae.parameters() if p.requires_grad]
+        if hp.learn_logvar:
+            generator_params.append(self.logvar)
+        optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        opt_g = optimizer_class(generator_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        opt_d = optimizer_class(
+            self.discriminator.parameters(), lr=hp.disc_lr or hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
+        )
+        schedules = [torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor) for opt in (opt_g, opt_d)]
+        return [opt_g, opt_d], schedules
+
+    def _lr_factor(self, update: int) -> float:
+        """Learning-rate multiplier after `update` optimizer updates of one network."""
+        hp = self.hparams
+        if update < hp.lr_warmup:
+            return (update + 1) / hp.lr_warmup
+        if hp.lr_schedule == "constant":
+            return 1.0
+        total = max(hp.max_batches // hp.accumulate_grad_batches - hp.lr_warmup, 1)
+        progress = min((update - hp.lr_warmup) / total, 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # ---------------------------------------------------------------- the objective
+    def reconstruct(self, images: torch.Tensor):
+        """Encode (without gradients when only the decoder trains), sample, decode."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.train_decoder_only):
+            posterior = self.vae.encode(images)
+            latents = posterior.sample()
+        return self.vae.decode(latents), posterior
+
+    def generator_losses(self, images, reconstructions, posterior, gan_factor: float) -> dict[str, torch.Tensor]:
+        """Reconstruction NLL + KL + the ramped adversarial term, each kept for logging."""
+        hp = self.hparams
+        pixel = reconstruction_loss(images, reconstructions, kind=hp.reconstruction)      # (B, C, H, W)
+        perceptual = self.perceptual(images, reconstructions)                            # (B,)
+        rec_map = pixel + hp.perceptual_weight * perceptual.view(-1, 1, 1, 1)
+        losses = {
+            "pixel": pixel.mean(),
+            "perceptual": perceptual.mean(),
+            "nll": nll_loss(rec_map, self.logvar),
+            "kl": kl_loss(posterior),
+        }
+        losses["loss"] = losses["nll"] + hp.kl_weight * losses["kl"]
+        if gan_factor > 0:
+            adversarial = generator_adversarial_loss(hp.gan_loss, self.discriminator(reconstructions))
+            if hp.adaptive_disc_weight:
+                weight = hp.disc_weight * adaptive_gan_weight(
+                    losses["nll"], adversarial, self.vae.last_layer_weight
+                )
+            else:
+                weight = torch.tensor(hp.disc_weight, device=images.device)
+            losses["adversarial"] = adversarial
+            losses["adversarial_weight"] = weight * gan_factor
+            losses["loss"] = losses["loss"] + losses["adversarial_weight"] * adversarial
+        return losses
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        images = self._images(batch)
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        batch_number = int(self.batches_seen)
+        steps_now = (batch_number + 1) % hp.accumulate_grad_batches == 0
+        gan_factor = gan_weight_schedule(batch_number, hp.disc_start, hp.disc_warmup)
+        train_discriminator = batch_number >= hp.disc_start
+
+        # 1. Generator: the discriminator's parameters are frozen while toggled, so no gradient leaks into it.
+        with self.toggled_optimizer(opt_g):
+            reconstructions, posterior = self.reconstruct(images)
+            g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor)
+            self.manual_backward(g_losses["loss"] / hp.accumulate_grad_batches)
+            if steps_now:
+                self._step(opt_g, sched_g)
+                self._update_ema()
+
+        # 2. Discriminator, on detached reconstructions: no gradient reaches the autoencoder.
+        if train_discriminator:
+            with self.toggled_optimizer(opt_d):
+                real_logits = self.discriminator(images.detach())
+                fake_logits = self.discriminator(reconstructions.detach())
+                d_loss = discriminator_loss(hp.gan_loss, real_logits, fake_logits)
+                self.manual_backward(d_loss / hp.accumulate_grad_batches)
+                if steps_now:
+                    self._step(opt_d, sched_d)
+            g_losses["discriminator"] = d_loss
+            g_losses["logits_real"] = real_logits.mean()
+            g_losses["logits_fake"] = fake_logits.mean()
+
+        self.batches_seen += 1
+        self._log_training(g_losses, images.shape[0])
+        if self.batches_seen >= hp.max_batches:
+            self.trainer.should_stop = True
+
+    def _step(self, optimizer, scheduler) -> None:
+        if self.hparams.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        updates = int(self.batches_seen) // self.hparams.accumulate_grad_batches
+        decay = min(self.hparams.ema_decay, (1 + updates) / (10 + updates))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.vae.parameters()), 1 - decay)
+
+    def _log_training(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            self.log("images_per_sec", batch_size / (now - self._last_batch_time), prog_bar=True)
+        self._last_batch_time = now
+        logged = {f"train/{name}": value.detach().float() for name, value in losses.items()}
+        logged["train/logvar"] = self.logvar.detach()
+        logged["train/batches"] = self.batches_seen.float()
+        self.log_dict(logged, batch_size=batch_size)
+        self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+
+    # ---------------------------------------------------------------- validation
+    @property
+    def inference_vae(self) -> AutoencoderKL:
+        """The weights that validation and export use: the EMA unless told otherwise."""
+        return self.ema if (self.ema is not None and self.hparams.validate_with_ema) else self.vae
+
+    def on_validation_epoch_start(self) -> None:
+        self._latent_statistics = LatentStatistics()
+        self._grid_batch = None
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images = self._images(batch)
+        vae = self.inference_vae
+        posterior = vae.encode(images)
+        # The mean is what the frozen codec encodes by default, so the factors are measured on it.
+        latents = posterior.mode()
+        reconstructions = vae.decode(latents).float().clamp(-1, 1)
+        reference, output = to_uint8(images), to_uint8(reconstructions)
+        batch_size = images.shape[0]
+        self.log_dict(
+            {
+                "val/psnr": psnr(reference, output).mean(),
+                "val/ssim": ssim(reference, output).mean(),
+                f"val/lpips_{self.hparams.perceptual_net}": self.perceptual(images, reconstructions).mean(),
+            },
+            batch_size=batch_size, sync_dist=True,
+        )
+        self._latent_statistics.update(latents.float())
+        if self._grid_batch is None:
+            count = self.hparams.grid_images
+            self._grid_batch = (images[:count].float(), reconstructions[:count])
+
+    def on_validation_epoch_end(self) -> None:
+        statistics = self._gather_latent_statistics()
+        if statistics.mean is not None:
+            mean, std = statistics.overall()
+            scale, shift = statistics.suggested_factors("shift")
+            self.log_dict(
+                {
+                    "val/latent_mean": mean, "val/latent_std": std,
+                    "val/suggested_scaling_factor": scale, "val/suggested_shift_factor": shift,
+                    "val/suggested_scaling_factor_no_shift": statistics.suggested_factors("scale")[0],
+                },
+                rank_zero_only=True,
+            )
+        if self._grid_batch is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_grid(*self._grid_batch)
+
+    def _gather_latent_statistics(self) -> LatentStatistics:
+        """Merge the per-rank statistics so every rank logs the factors of the whole validation set."""
+        local = self._latent_statistics
+        if self.trainer.world_size == 1 or local.mean is None:
+            return local
+        packed = torch.stack([torch.full_like(local.mean, local.count), local.mean, local.m2])  # (3, C)
+        merged = LatentStatistics()
+        for count, mean, m2 in self.all_gather(packed).to(torch.float64):
+            merged.merge(LatentStatistics(int(count[0].item()), mean, m2))
+        return merged
+
+    def _write_grid(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        grid = reconstruction_grid(images, reconstructions)
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
+        path = save_grid(grid, directory / f"batch_{int(self.batches_seen):07d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # Weights & Biases
+                logger.log_image("val/reconstructions", [grid], step=int(self.batches_seen),
+                                 caption=["input | reconstruction | error x4"])
+        self.print(f"reconstruction grid: {path}")
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What `vaegan.load` and `vaegan export` need to rebuild the autoencoder without this class.
+        checkpoint["vaegan_config"] = self.vae.config.to_dict()
+        # Random states, so that a resumed run draws the same crops and posterior samples.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(_numpy_state_from_tensors(states["numpy"]))
+            random.setstate(_as_tuples(states["python"]))
+
+    # ---------------------------------------------------------------- helpers
+    def _images(self, batch) -> torch.Tensor:
+        images = batch["image"] if isinstance(batch, dict) else batch
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def _numpy_state_to_tensors(state: tuple) -> dict:
+    """numpy's RNG state with its array as a tensor, so checkpoints load with `weights_only=True`."""
+    name, keys, position, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_tensors(state: dict) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["name"], keys, state["position"], state["has_gauss"], state["cached"]
+
+
+def _as_tuples(value):
+    """Python's RNG state is nested tuples; a checkpoint round trip may give lists back."""
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, list | tuple) else value
