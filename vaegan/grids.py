@@ -24,7 +24,7 @@ def reconstruction_grid(images: torch.Tensor, reconstructions: torch.Tensor, gap
     error = error.clamp(0, 255).to(torch.uint8).expand_as(inputs)
     count, _, height, width = inputs.shape
     grid = np.full((count * (height + gap) - gap, 3 * (width + gap) - gap, 3), 255, dtype=np.uint8)
-    for row, panels in enumerate(zip(inputs, outputs, error)):
+    for row, panels in enumerate(zip(inputs, outputs, error, strict=True)):
         top = row * (height + gap)
         for column, panel in enumerate(panels):
             left = column * (width + gap)

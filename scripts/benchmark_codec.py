@@ -1,0 +1,297 @@
+"""Benchmark vaegan's Codec against diffusers' AutoencoderKL with the same weights.
+
+Throughput (images/s, median of repeats, the two implementations alternated within one run after a warm-up),
+an fp32 equality check, optional peak memory (a fresh subprocess per measurement: peak RSS minus its baseline
+on CPU, max_memory_allocated on CUDA), the seam error of tiled vs untiled output on a real photo, and the peak
+memory of a 2048^2 decode. Random weights: speed, memory and seams do not depend on training.
+
+    python scripts/benchmark_codec.py --arch sd --sizes 256 --repeats 3 --json bench.json
+    python scripts/benchmark_codec.py --arch sd --seams --sizes
+    python scripts/benchmark_codec.py --arch sd --memory-2048 --sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from vaegan import AutoencoderKL, Codec, preset
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_models(arch: str, dtype: torch.dtype, device: str):
+    """Our VAE and diffusers' AutoencoderKL holding the same random weights."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    torch.manual_seed(0)
+    ours = AutoencoderKL(preset(arch))
+    levels = len(ours.config.block_out_channels)
+    theirs = DiffusersAutoencoderKL(
+        **ours.config.to_dict(),
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+    )
+    theirs.load_state_dict(ours.state_dict())
+    theirs = theirs.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return ours, theirs
+
+
+def make_codec(ours: AutoencoderKL, args, tiled: bool) -> Codec:
+    return Codec(
+        ours, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
+        tile_size=args.tile_size if tiled else None, tile_overlap=args.tile_overlap,
+        auto_tile_pixels=None, compile=args.compile, channels_last=args.channels_last,
+    )
+
+
+def diffusers_tiling(theirs, args, tiled: bool):
+    """Switch diffusers' tiling on with the same tile size and overlap as ours (or off)."""
+    if not tiled:
+        theirs.disable_tiling()
+        return
+    theirs.enable_tiling()
+    factor = 2 ** (len(theirs.config.block_out_channels) - 1)
+    theirs.tile_sample_min_size = args.tile_size
+    theirs.tile_latent_min_size = args.tile_size // factor
+    theirs.tile_overlap_factor = args.tile_overlap / args.tile_size
+
+
+def runners(ours: AutoencoderKL, theirs, args, tiled: bool):
+    """{(implementation, op): fn(input) -> output}; both take/return the same normalised tensors."""
+    codec = make_codec(ours, args, tiled)
+    diffusers_tiling(theirs, args, tiled)
+    scale, shift = ours.config.scaling_factor, ours.config.shift_factor or 0.0
+    dtype = DTYPES[args.dtype]
+
+    @torch.inference_mode()
+    def diffusers_encode(x):
+        mean = theirs.encode(x.to(args.device, dtype)).latent_dist.mean
+        return ((mean.float() - shift) * scale).to(x.device)
+
+    @torch.inference_mode()
+    def diffusers_decode(latents):
+        z = (latents / scale + shift).to(args.device, dtype)
+        return theirs.decode(z).sample.float().clamp(-1, 1).to(latents.device)
+
+    return {
+        ("vaegan", "encode"): codec.encode,
+        ("vaegan", "decode"): codec.decode,
+        ("diffusers", "encode"): diffusers_encode,
+        ("diffusers", "decode"): diffusers_decode,
+    }
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
+    """Images/s of encode and decode for both implementations, alternated; plus the fp32 equality check."""
+    run = runners(ours, theirs, args, tiled)
+    batch = args.batch_size if size <= 512 else 1
+    factor = ours.config.downsampling_factor
+    torch.manual_seed(1)
+    images = torch.rand(batch, 3, size, size) * 2 - 1
+    latents = torch.randn(batch, ours.config.latent_channels, size // factor, size // factor)
+    inputs = {"encode": images, "decode": latents}
+    times = {key: [] for key in run}
+    outputs = {}
+    for repeat in range(args.warmup + args.repeats):
+        for op in ("encode", "decode"):
+            # Alternate which implementation goes first so drift (thermal, neighbours) hits both alike.
+            order = ("vaegan", "diffusers") if repeat % 2 == 0 else ("diffusers", "vaegan")
+            for impl in order:
+                synchronize(args.device)
+                start = time.perf_counter()
+                outputs[impl, op] = run[impl, op](inputs[op])
+                synchronize(args.device)
+                if repeat >= args.warmup:
+                    times[impl, op].append(time.perf_counter() - start)
+    rows = []
+    for impl, op in run:
+        difference = (outputs["vaegan", op] - outputs["diffusers", op]).abs().max().item()
+        seconds = statistics.median(times[impl, op])
+        rows.append(dict(
+            impl=impl, op=op, size=size, tiled=tiled, batch=batch, dtype=args.dtype, device=args.device,
+            seconds=seconds, images_per_s=batch / seconds, max_abs_diff_vs_diffusers=difference,
+        ))
+    return rows
+
+
+# ---- peak memory in a fresh process ----
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux)."""
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * resource.getpagesize()
+
+
+def child_peak_memory(args) -> dict:
+    """Run one op once in this (fresh) process; report its peak memory above the pre-op baseline in MiB."""
+    impl, op, size, tiled = args.child.split(":")
+    size, tiled = int(size), tiled == "tiled"
+    ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device)
+    # Both models stay loaded, so they are part of the baseline and only the op's own memory is counted.
+    fn = runners(ours, theirs, args, tiled)[impl, op]
+    factor, channels = ours.config.downsampling_factor, ours.config.latent_channels
+    x = (torch.rand(1, 3, size, size) * 2 - 1 if op == "encode"
+         else torch.randn(1, channels, size // factor, size // factor))
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        # Building the models (state-dict copies, imports) peaks above what they hold afterwards: reset the
+        # peak to the current RSS (Linux: clear_refs 5), so that ru_maxrss afterwards is the op's own peak.
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+        baseline = current_rss()
+    start = time.perf_counter()
+    fn(x)
+    synchronize(args.device)
+    seconds = time.perf_counter() - start
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    return dict(impl=impl, op=op, size=size, tiled=tiled, peak_mib=(peak - baseline) / 2**20, seconds=seconds)
+
+
+def peak_memory(args, impl: str, op: str, size: int, tiled: bool) -> dict:
+    """Spawn this script with --child so every measurement starts from a clean allocator."""
+    command = [
+        sys.executable, __file__, "--child", f"{impl}:{op}:{size}:{'tiled' if tiled else 'untiled'}",
+        "--arch", args.arch, "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
+        "--batch-size", str(args.batch_size), "--tile-size", str(args.tile_size),
+        "--tile-overlap", str(args.tile_overlap),
+    ] + (["--channels-last"] if args.channels_last else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- seams on a real photo ----
+
+def seam_errors(args) -> list[dict]:
+    """Tiled vs untiled encode and decode of skimage's astronaut (512^2), for each overlap in --overlaps."""
+    from skimage.data import astronaut
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(preset(args.arch))
+    photo = torch.from_numpy(astronaut()).permute(2, 0, 1)[None]                 # (1, 3, 512, 512) uint8
+    untiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], auto_tile_pixels=None)
+    latents = untiled.encode(photo)
+    reference = untiled.decode(latents)
+    rows = []
+    for overlap in args.overlaps:
+        tiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
+                      tile_size=args.seam_tile_size, tile_overlap=overlap)
+        for op, result, target in (
+            ("encode", tiled.encode(photo), latents),
+            ("decode", tiled.decode(latents), reference),
+        ):
+            error = (result - target).abs()
+            # PSNR of the difference on the images' [-1, 1] range (peak-to-peak 2), as for uint8 images;
+            # for latents, on the range the untiled latents span.
+            peak = 2.0 if op == "decode" else (target.max() - target.min()).item()
+            mse = error.pow(2).mean().item()
+            rows.append(dict(
+                op=op, tile_size=args.seam_tile_size, overlap=overlap, max_abs=error.max().item(),
+                mean_abs=error.mean().item(), psnr_db=10 * math.log10(peak**2 / mse) if mse else math.inf,
+            ))
+            row = rows[-1]
+            print(f"seams {op:6s} tile {row['tile_size']} overlap {overlap:4d}: max {row['max_abs']:.4f}"
+                  f"  mean {row['mean_abs']:.4f}  PSNR {row['psnr_db']:.2f} dB", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]):
+    print(f"{'impl':10s} {'op':7s} {'size':>5s} {'tiled':>5s} {'batch':>5s} {'img/s':>9s} {'s/call':>8s} "
+          f"{'max|diff|':>10s} {'peak MiB':>9s}")
+    for row in rows:
+        peak = row.get("peak_mib")
+        print(f"{row['impl']:10s} {row['op']:7s} {row['size']:5d} {row['tiled']!s:>5s} {row['batch']:5d} "
+              f"{row['images_per_s']:9.3f} {row['seconds']:8.2f} {row['max_abs_diff_vs_diffusers']:10.2e} "
+              f"{'' if peak is None else f'{peak:9.0f}'}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="sd", choices=["sd", "sdxl", "sd3", "flux", "tiny"],
+                        help="architecture preset (random weights)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024],
+                        help="square image sizes to time; pass none to skip timing")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of both models")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per call at sizes <= 512 (else 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median taken)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
+    parser.add_argument("--tile-size", type=int, default=512, help="tile side in pixels for tiled rows")
+    parser.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels for tiled rows")
+    parser.add_argument("--tiled", choices=["both", "yes", "no"], default="both",
+                        help="time untiled, tiled (sizes above --tile-size only) or both")
+    parser.add_argument("--channels-last", action="store_true", help="run the codec in channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the codec's network calls")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each row's peak memory in a fresh subprocess (one extra run each)")
+    parser.add_argument("--seams", action="store_true",
+                        help="measure tiled-vs-untiled error on a 512^2 photo")
+    parser.add_argument("--seam-tile-size", type=int, default=256, help="tile size for --seams")
+    parser.add_argument("--overlaps", type=int, nargs="+", default=[0, 32, 64, 128],
+                        help="tile overlaps in pixels for --seams")
+    parser.add_argument("--memory-2048", action="store_true",
+                        help="peak memory of a 2048^2 decode, tiled and untiled (untiled: minutes, ~15+ GB)")
+    parser.add_argument("--json", help="write all results to this JSON file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: impl:op:size:tiled|untiled
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child_peak_memory(args)))
+        return
+    results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "timings": []}
+    if args.sizes:
+        ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device)
+        for size in args.sizes:
+            modes = {"both": [False, True], "yes": [True], "no": [False]}[args.tiled]
+            for tiled in modes:
+                if tiled and size <= args.tile_size:
+                    continue  # one tile: identical to untiled
+                rows = benchmark_size(ours, theirs, args, size, tiled)
+                if args.memory:
+                    for row in rows:
+                        row["peak_mib"] = peak_memory(args, row["impl"], row["op"], size, tiled)["peak_mib"]
+                results["timings"] += rows
+                print_table(rows)
+                sys.stdout.flush()
+    if args.seams:
+        results["seams"] = seam_errors(args)
+    if args.memory_2048:
+        results["memory_2048"] = []
+        for tiled in (True, False):
+            row = peak_memory(args, "vaegan", "decode", 2048, tiled)
+            results["memory_2048"].append(row)
+            mode = "tiled" if tiled else "untiled"
+            print(f"2048^2 decode ({args.arch}, {mode}): peak {row['peak_mib']:.0f} MiB above baseline, "
+                  f"{row['seconds']:.1f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""A frozen latent codec: images in, normalised latents out, and back, for code that uses a trained VAE.
+
+`Codec` wraps an `AutoencoderKL` for inference. It
+- normalises latents the way diffusion models expect them: `latents = (z - shift_factor) * scaling_factor`,
+  and inverts that before decoding;
+- accepts the usual image containers and returns the one asked for (see `encode` and `decode`);
+- runs in chunks of `batch_size`, under `torch.inference_mode()`, in fp32, bf16 or fp16;
+- guards fp16 against overflow: a chunk whose output is not finite is redone in fp32 (warned once);
+- tiles large images into overlapping, equally sized tiles that are blended with smooth weights normalised by
+  their sum, so memory is bounded by the tile size and seams fade out instead of showing.
+
+Input kinds and what `encode` accepts:
+    float torch tensor (B, 3, H, W) or (3, H, W), values in [-1, 1]
+    uint8 torch tensor (B, 3, H, W) or (3, H, W), values 0..255 (channels first, as torchvision)
+    uint8 numpy array  (B, H, W, 3) or (H, W, 3), values 0..255 (channels last, as PIL and imageio)
+    a PIL image or a list of PIL images of one size (converted to RGB)
+Results are always batched and always float32; tensors come back on the device of the input tensor (CPU for
+numpy and PIL inputs), so a large batch never has to fit on the accelerator at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from vaegan.autoencoder import AutoencoderKL
+
+OutputKind = Literal["tensor", "uint8", "numpy", "pil"]
+ImageInput = torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image]
+
+# 512-px tiles (64 latent pixels) keep an SD-sized decoder near 1.8 GB per tile in fp32 on CPU while the
+# attention in the middle block still sees a 64x64 neighbourhood; 128 px of overlap (25 %) is where the seam
+# error of a tiled 1024-px decode stops improving much (scripts/benchmark_codec.py --overlaps prints it).
+DEFAULT_TILE_SIZE = 512
+DEFAULT_TILE_OVERLAP = 128
+# Above this many output pixels (1024^2, 4.5 GB for an untiled SD decode in fp32) tiling starts by itself.
+DEFAULT_AUTO_TILE_PIXELS = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Equally sized, overlapping tiles covering one axis of length `length` (all in the same units)."""
+
+    length: int
+    tile: int
+    starts: tuple[int, ...]
+    ramp: int  # length of the blending ramp at each edge a tile shares with a neighbour
+
+    @classmethod
+    def cover(cls, length: int, tile: int, overlap: int) -> TileGrid:
+        """The fewest tiles of size `tile` that overlap by at least `overlap`, spread evenly over the axis.
+
+        Every tile has the same size (the last one is not cut short but moved back to end at the border), so
+        tiles can be stacked into one batch, `torch.compile` sees one shape, and no tile lacks context.
+        """
+        if length <= tile:
+            return cls(length, length, (0,), 0)
+        count = math.ceil((length - overlap) / (tile - overlap))
+        starts = tuple(round(i * (length - tile) / (count - 1)) for i in range(count))
+        actual_overlap = min(a + tile - b for a, b in zip(starts[:-1], starts[1:], strict=True))
+        return cls(length, tile, starts, min(actual_overlap, tile // 2))
+
+    def weights(self, index: int, scale: int) -> torch.Tensor:
+        """The 1-D blending weight of tile `index` in units `scale` times finer: (tile * scale,).
+
+        A raised-cosine ramp (sin^2) rises over `ramp` at every edge shared with a neighbour and stays 1
+        elsewhere; image borders get no ramp. Two tiles overlapping by exactly `ramp` then sum to 1
+        (sin^2 + cos^2), and any larger overlap is handled by dividing by the summed weights.
+        """
+        size, ramp = self.tile * scale, self.ramp * scale
+        weight = torch.ones(size, dtype=torch.float64)
+        if ramp:
+            # Sample at pixel centres so the ramp never reaches exactly 0 (the division stays defined).
+            rise = torch.sin(0.5 * math.pi * (torch.arange(ramp, dtype=torch.float64) + 0.5) / ramp) ** 2
+            if index > 0:
+                weight[:ramp] = rise
+            if index < len(self.starts) - 1:
+                weight[size - ramp:] = rise.flip(0)
+        return weight
+
+
+def tile_weight_map(rows: TileGrid, cols: TileGrid, scale: int) -> torch.Tensor:
+    """Sum of all tiles' 2-D weights over the output, (rows.length * scale, cols.length * scale)."""
+    total = torch.zeros(rows.length * scale, cols.length * scale, dtype=torch.float64)
+    for i, top in enumerate(rows.starts):
+        for j, left in enumerate(cols.starts):
+            weight = torch.outer(rows.weights(i, scale), cols.weights(j, scale))
+            total[top * scale:(top + rows.tile) * scale, left * scale:(left + cols.tile) * scale] += weight
+    return total
+
+
+class Codec:
+    """A frozen VAE that encodes images to normalised latents and decodes them back (see the module doc).
+
+    The codec takes the module over: it is moved and cast in place, put in eval mode and frozen.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 4,
+        tile_size: int | None = None,
+        tile_overlap: int = DEFAULT_TILE_OVERLAP,
+        auto_tile_pixels: int | None = DEFAULT_AUTO_TILE_PIXELS,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        """
+        Args:
+            vae: the autoencoder; moved to `device` and cast to `dtype` in place.
+            device, dtype: where and in what precision the network runs (fp32 by default: highest precision).
+            batch_size: images (or tiles) per forward pass; bounds activation memory on the device.
+            tile_size: tile side in pixels to always tile with; None tiles only images of more than
+                `auto_tile_pixels` pixels, with `DEFAULT_TILE_SIZE` tiles.
+            tile_overlap: overlap between neighbouring tiles in pixels (at least this much; tiles are spread
+                evenly, so the real overlap is often larger).
+            auto_tile_pixels: pixel count (H * W) above which tiling starts by itself; None never auto-tiles.
+            compile: `torch.compile` the encoder and decoder forward passes (one shape per tile size).
+            channels_last: run convolutions on NHWC tensors; faster on most GPUs, measure on CPU
+                (scripts/benchmark_codec.py).
+        """
+        config = vae.config
+        self.factor = config.downsampling_factor
+        for name, value in (("tile_size", tile_size), ("tile_overlap", tile_overlap)):
+            if value is not None and value % self.factor:
+                raise ValueError(
+                    f"{name}={value} must be a multiple of the downsampling factor {self.factor}"
+                )
+        if tile_size is not None and not 0 <= tile_overlap < tile_size:
+            raise ValueError(f"tile_overlap={tile_overlap} must be in [0, tile_size={tile_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.auto_tile_pixels = auto_tile_pixels
+        self.channels_last = channels_last
+        self.latent_channels = config.latent_channels
+        self.scaling_factor = config.scaling_factor
+        self.shift_factor = config.shift_factor or 0.0
+
+        self.vae = vae.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        self._moments = self._compiled(self._moments_of, compile)
+        self._pixels = self._compiled(self._pixels_of, compile)
+        self._fp32_vae: AutoencoderKL | None = None  # made on the first fp16 overflow
+        self._warned_overflow = False
+
+    @property
+    def config(self):
+        return self.vae.config
+
+    # ---- the network calls, one chunk at a time ----
+
+    @staticmethod
+    def _compiled(function: Callable, compile: bool) -> Callable:
+        # Compiling these two tensor-to-tensor functions (not `vae.encode`, which returns a dataclass) is what
+        # keeps torch.compile from breaking on encode.
+        return torch.compile(function, dynamic=False) if compile else function
+
+    def _prepare(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(device=self.device, dtype=dtype, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _moments_of(self, x: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
+        """Images (b, 3, H, W) in [-1, 1] -> Gaussian moments (b, 2C, H/f, W/f) = [mean, logvar]."""
+        vae = vae or self.vae
+        moments = vae.encoder(x)
+        return vae.quant_conv(moments) if vae.quant_conv is not None else moments
+
+    def _pixels_of(self, z: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
+        """Raw latents (b, C, h, w) -> images (b, 3, h*f, w*f)."""
+        vae = vae or self.vae
+        return vae.decoder(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)
+
+    def _guarded(self, run: Callable, raw: Callable, x: torch.Tensor) -> torch.Tensor:
+        """Run one chunk in the codec's dtype; if fp16 overflowed to inf/NaN, redo it with fp32 weights.
+
+        fp16 tops out at 65504 and the SD/SDXL decoders' activations exceed it on some images (the origin of
+        the "fp16-fix" VAE). Only the chunks that overflow pay for fp32, so typical images keep fp16 speed.
+        """
+        out = run(self._prepare(x, self.dtype))
+        if self.dtype != torch.float16 or torch.isfinite(out).all():
+            return out
+        if self._fp32_vae is None:
+            # An fp32 copy of the (fp16-rounded) weights: the range of fp32, the weights the user chose.
+            self._fp32_vae = copy.deepcopy(self.vae).float()
+        if not self._warned_overflow:
+            warnings.warn(
+                "fp16 overflowed to inf/NaN in the VAE; redoing affected chunks in fp32 (warned once)",
+                RuntimeWarning, stacklevel=3,
+            )
+            self._warned_overflow = True
+        return raw(self._prepare(x, torch.float32), self._fp32_vae)
+
+    def _encode_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self._guarded(self._moments, self._moments_of, x).float()
+
+    def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        return self._guarded(self._pixels, self._pixels_of, z).float()
+
+    # ---- public API ----
+
+    def encode(
+        self, images: ImageInput, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images (any kind in the module doc) -> normalised latents (B, C, H/f, W/f), float32.
+
+        Returns the posterior mean by default, a posterior sample with `sample=True` (noise drawn from
+        `generator`, on the device of the result).
+        """
+        x = to_float_images(images)  # (B, 3, H, W) in [-1, 1], on the input's device
+        height, width = x.shape[-2:]
+        if height % self.factor or width % self.factor:
+            raise ValueError(
+                f"image shape {tuple(x.shape)}: height and width must be multiples of the downsampling "
+                f"factor {self.factor}; crop or pad the images first"
+            )
+        moments = torch.empty(
+            x.shape[0], 2 * self.latent_channels, height // self.factor, width // self.factor,
+            device=x.device,
+        )
+        with torch.inference_mode():
+            self._run(self._encode_chunk, x, moments, scale=1, inverse_scale=self.factor)
+        mean, logvar = moments.chunk(2, dim=1)
+        z = mean
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + std * noise
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def decode(
+        self, latents: torch.Tensor, output: OutputKind = "tensor"
+    ) -> torch.Tensor | np.ndarray | list[Image.Image]:
+        """Normalised latents (B, C, h, w) or (C, h, w) -> images (B, 3, h*f, w*f), in the kind asked for.
+
+        output: "tensor" float32 (B, 3, H, W) clamped to [-1, 1]; "uint8" uint8 tensor (B, 3, H, W);
+        "numpy" uint8 array (B, H, W, 3); "pil" a list of RGB PIL images.
+        """
+        if output not in ("tensor", "uint8", "numpy", "pil"):
+            raise ValueError(f"output={output!r}; choose one of 'tensor', 'uint8', 'numpy', 'pil'")
+        if not torch.is_tensor(latents) or not latents.is_floating_point():
+            raise TypeError(f"latents must be a float tensor, got {type(latents).__name__}")
+        if latents.ndim == 3:
+            latents = latents.unsqueeze(0)
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents of shape {tuple(latents.shape)} do not fit this VAE: expected "
+                f"(B, {self.latent_channels}, h, w)"
+            )
+        z = latents.float() / self.scaling_factor + self.shift_factor
+        batch, _, height, width = z.shape
+        images = torch.empty(batch, 3, height * self.factor, width * self.factor, device=z.device)
+        with torch.inference_mode():
+            self._run(self._decode_chunk, z, images, scale=self.factor, inverse_scale=1)
+        images.clamp_(-1.0, 1.0)
+        return from_float_images(images, output)
+
+    # ---- batching and tiling ----
+
+    def _run(self, network: Callable, x: torch.Tensor, out: torch.Tensor, scale: int, inverse_scale: int):
+        """Fill `out` with network(x), chunk by chunk, tiled when asked or when the output is large.
+
+        Tiles are laid out in latent units (x is `inverse_scale` times finer than latents, out is `scale`
+        times finer) so that every tile of an image starts on the encoder's stride grid.
+        """
+        latent_h, latent_w = x.shape[-2] // inverse_scale, x.shape[-1] // inverse_scale
+        pixels = latent_h * latent_w * self.factor**2
+        tile_size = self.tile_size
+        if tile_size is None and self.auto_tile_pixels is not None and pixels > self.auto_tile_pixels:
+            tile_size = DEFAULT_TILE_SIZE
+        tile = None if tile_size is None else tile_size // self.factor
+        if tile is None or (latent_h <= tile and latent_w <= tile):
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                out[chunk] = network(x[chunk]).to(out.device)
+            return
+        overlap = self.tile_overlap // self.factor
+        self._run_tiled(network, x, out, TileGrid.cover(latent_h, tile, overlap),
+                        TileGrid.cover(latent_w, tile, overlap), scale, inverse_scale)
+
+    def _run_tiled(self, network: Callable, x: torch.Tensor, out: torch.Tensor, rows: TileGrid,
+                   cols: TileGrid, scale: int, inverse_scale: int):
+        """Blend the network's output on overlapping tiles into `out`: sum(w_t * y_t) / sum(w_t)."""
+        normaliser = tile_weight_map(rows, cols, scale).to(out.device)           # (H_out, W_out)
+        out.zero_()
+        # Every tile of every image is one job; jobs of equal tile size stack into batches.
+        jobs = [(b, i, j) for b in range(x.shape[0]) for i in range(len(rows.starts))
+                for j in range(len(cols.starts))]
+        size_in_h, size_in_w = rows.tile * inverse_scale, cols.tile * inverse_scale
+        size_out_h, size_out_w = rows.tile * scale, cols.tile * scale
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start:start + self.batch_size]
+            crops = torch.stack([
+                x[b, :, rows.starts[i] * inverse_scale:][:, :size_in_h,
+                                                         cols.starts[j] * inverse_scale:][:, :, :size_in_w]
+                for b, i, j in batch
+            ])                                                                   # (n, c_in, th, tw)
+            tiles = network(crops).to(out.device)                                # (n, c_out, th', tw')
+            for tile, (b, i, j) in zip(tiles, batch, strict=True):
+                top, left = rows.starts[i] * scale, cols.starts[j] * scale
+                region = (slice(top, top + size_out_h), slice(left, left + size_out_w))
+                weight = torch.outer(rows.weights(i, scale), cols.weights(j, scale)).to(out.device)
+                weight = (weight / normaliser[region]).float()
+                out[b, :, region[0], region[1]] += tile * weight
+
+
+# ---- image containers ----
+
+def to_float_images(images: ImageInput) -> torch.Tensor:
+    """Any accepted image kind -> float32 tensor (B, 3, H, W) in [-1, 1] on the input's device."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if not images or not all(isinstance(image, Image.Image) for image in images):
+            raise TypeError("a list of images must be a non-empty list of PIL images")
+        sizes = {image.size for image in images}
+        if len(sizes) > 1:
+            raise ValueError(f"PIL images in one call must share a size, got {sorted(sizes)}")
+        images = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (B, H, W, 3)
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 (H, W, 3) or (B, H, W, 3), got dtype {images.dtype}")
+        array = images[None] if images.ndim == 3 else images
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"numpy images must be (H, W, 3) or (B, H, W, 3), got shape {images.shape}")
+        images = rearrange(torch.from_numpy(np.ascontiguousarray(array)), "b h w c -> b c h w")
+    if not torch.is_tensor(images):
+        raise TypeError(f"unsupported image type {type(images).__name__}; see vaegan.codec's docstring")
+    x = images[None] if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"image tensors must be (B, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1.0
+    if not x.is_floating_point():
+        raise TypeError(f"image tensors must be uint8 or float, got {x.dtype}")
+    # Catch 0..255 floats (a silent washed-out mistake); [0, 1] cannot be told apart from [-1, 1] and passes.
+    if x.numel() and x.abs().max() > 1.5:
+        raise ValueError(
+            f"float images must be in [-1, 1], got values up to {x.abs().max().item():.3g}; "
+            "pass uint8 for 0..255 images"
+        )
+    return x.float()
+
+
+def from_float_images(images: torch.Tensor, output: OutputKind) -> torch.Tensor | np.ndarray | list:
+    """Float images (B, 3, H, W) in [-1, 1] -> the requested kind (see `Codec.decode`)."""
+    if output == "tensor":
+        return images
+    as_uint8 = ((images + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    if output == "uint8":
+        return as_uint8
+    array = rearrange(as_uint8, "b c h w -> b h w c").cpu().numpy()
+    if output == "numpy":
+        return array
+    return [Image.fromarray(image) for image in array]
