@@ -309,12 +309,17 @@ class AutoencoderKL(nn.Module):
     def from_preset(cls, name: str, **overrides) -> AutoencoderKL:
         return cls(preset(name, **overrides))
 
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> Gaussian parameters (B, 2C, H/f, W/f): mean, then unclamped log-variance.
+
+        A plain tensor, unlike `encode`'s posterior, so `torch.compile` can trace it in the frozen codec.
+        """
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images (B, 3, H, W) in [-1, 1], H and W multiples of the downsampling factor -> posterior."""
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, C, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""

@@ -117,17 +117,17 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift-factor", type=float, default=None, help="override the shift factor")
 
 
-def _load(args):
+def _load(path: str, args):
     from vaegan.formats import load
 
-    return load(args.src if hasattr(args, "src") else args.path, config=args.config,
+    return load(path, config=args.config,
                 scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
 
 
 def convert_command(args) -> None:
     import torch
 
-    vae = _load(args)
+    vae = _load(args.src, args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     path = vae.save(args.dst, format=args.to, dtype=dtype)
     print(f"wrote {args.to} VAE to {path}")
@@ -155,7 +155,7 @@ def describe(vae, size: tuple[int, int]) -> dict:
 
 
 def info_command(args) -> None:
-    vae = _load(args)
+    vae = _load(args.path, args)
     height, width = (args.size * 2)[:2]
     summary = describe(vae, (height, width))
     if args.json:

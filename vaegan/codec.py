@@ -32,7 +32,8 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from vaegan.autoencoder import AutoencoderKL
+from vaegan.autoencoder import AutoencoderKL, DiagonalGaussian
+from vaegan.metrics import to_uint8
 
 OutputKind = Literal["tensor", "uint8", "numpy", "pil"]
 ImageInput = torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image]
@@ -178,14 +179,11 @@ class Codec:
 
     def _moments_of(self, x: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
         """Images (b, 3, H, W) in [-1, 1] -> Gaussian moments (b, 2C, H/f, W/f) = [mean, logvar]."""
-        vae = vae or self.vae
-        moments = vae.encoder(x)
-        return vae.quant_conv(moments) if vae.quant_conv is not None else moments
+        return (vae or self.vae).moments(x)
 
     def _pixels_of(self, z: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
         """Raw latents (b, C, h, w) -> images (b, 3, h*f, w*f)."""
-        vae = vae or self.vae
-        return vae.decoder(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)
+        return (vae or self.vae).decode(z)
 
     def _guarded(self, run: Callable, raw: Callable, x: torch.Tensor) -> torch.Tensor:
         """Run one chunk in the codec's dtype; if fp16 overflowed to inf/NaN, redo it with fp32 weights.
@@ -236,12 +234,8 @@ class Codec:
         )
         with torch.inference_mode():
             self._run(self._encode_chunk, x, moments, scale=1, inverse_scale=self.factor)
-        mean, logvar = moments.chunk(2, dim=1)
-        z = mean
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + std * noise
+        posterior = DiagonalGaussian.from_moments(moments)
+        z = posterior.sample(generator) if sample else posterior.mode()
         return (z - self.shift_factor) * self.scaling_factor
 
     def decode(
@@ -304,6 +298,12 @@ class Codec:
                 for j in range(len(cols.starts))]
         size_in_h, size_in_w = rows.tile * inverse_scale, cols.tile * inverse_scale
         size_out_h, size_out_w = rows.tile * scale, cols.tile * scale
+        regions, weights = {}, {}  # per tile position (i, j): where it lands and its normalised weight
+        for i, top in enumerate(rows.starts):
+            for j, left in enumerate(cols.starts):
+                region = (slice(top * scale, top * scale + size_out_h), slice(left * scale, left * scale + size_out_w))
+                weight = torch.outer(rows.weights(i, scale), cols.weights(j, scale)).to(out.device)
+                regions[i, j], weights[i, j] = region, (weight / normaliser[region]).float()
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start:start + self.batch_size]
             crops = torch.stack([
@@ -313,11 +313,8 @@ class Codec:
             ])                                                                   # (n, c_in, th, tw)
             tiles = network(crops).to(out.device)                                # (n, c_out, th', tw')
             for tile, (b, i, j) in zip(tiles, batch, strict=True):
-                top, left = rows.starts[i] * scale, cols.starts[j] * scale
-                region = (slice(top, top + size_out_h), slice(left, left + size_out_w))
-                weight = torch.outer(rows.weights(i, scale), cols.weights(j, scale)).to(out.device)
-                weight = (weight / normaliser[region]).float()
-                out[b, :, region[0], region[1]] += tile * weight
+                rows_out, cols_out = regions[i, j]
+                out[b, :, rows_out, cols_out] += tile * weights[i, j]
 
 
 # ---- image containers ----
@@ -362,7 +359,7 @@ def from_float_images(images: torch.Tensor, output: OutputKind) -> torch.Tensor 
     """Float images (B, 3, H, W) in [-1, 1] -> the requested kind (see `Codec.decode`)."""
     if output == "tensor":
         return images
-    as_uint8 = ((images + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    as_uint8 = to_uint8(images)  # (B, 3, H, W)
     if output == "uint8":
         return as_uint8
     array = rearrange(as_uint8, "b c h w -> b h w c").cpu().numpy()

@@ -70,9 +70,7 @@ def load_image(
         raise ImageError(
             f"{name}: not an image PIL can identify (empty, corrupt or another file type)"
         ) from error
-    except (
-        Exception
-    ) as error:  # PIL's decoders raise OSError, SyntaxError, struct.error...: all mean "corrupt"
+    except Exception as error:  # PIL's decoders raise OSError, SyntaxError, struct.error...: all mean "corrupt"
         raise ImageError(f"{name}: cannot decode ({type(error).__name__}: {error})") from error
 
 
