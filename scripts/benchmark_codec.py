@@ -28,7 +28,7 @@ from vaegan import AutoencoderKL, Codec, preset
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_models(arch: str, dtype: torch.dtype, device: str):
+def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):
     """Our VAE and diffusers' AutoencoderKL holding the same random weights."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
@@ -42,6 +42,8 @@ def build_models(arch: str, dtype: torch.dtype, device: str):
     )
     theirs.load_state_dict(ours.state_dict())
     theirs = theirs.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if diffusers_channels_last:
+        theirs.to(memory_format=torch.channels_last)
     return ours, theirs
 
 
@@ -140,7 +142,7 @@ def child_peak_memory(args) -> dict:
     """Run one op once in this (fresh) process; report its peak memory above the pre-op baseline in MiB."""
     impl, op, size, tiled = args.child.split(":")
     size, tiled = int(size), tiled == "tiled"
-    ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device)
+    ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device, args.diffusers_channels_last)
     # Both models stay loaded, so they are part of the baseline and only the op's own memory is counted.
     fn = runners(ours, theirs, args, tiled)[impl, op]
     factor, channels = ours.config.downsampling_factor, ours.config.latent_channels
@@ -173,7 +175,8 @@ def peak_memory(args, impl: str, op: str, size: int, tiled: bool) -> dict:
         "--arch", args.arch, "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
         "--batch-size", str(args.batch_size), "--tile-size", str(args.tile_size),
         "--tile-overlap", str(args.tile_overlap),
-    ] + (["--channels-last"] if args.channels_last else [])
+    ] + (["--channels-last"] if args.channels_last else ["--no-channels-last"])
+    command += ["--diffusers-channels-last"] if args.diffusers_channels_last else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -241,7 +244,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels for tiled rows")
     parser.add_argument("--tiled", choices=["both", "yes", "no"], default="both",
                         help="time untiled, tiled (sizes above --tile-size only) or both")
-    parser.add_argument("--channels-last", action="store_true", help="run the codec in channels_last")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the codec in channels_last (its default; --no-channels-last for NCHW)")
+    parser.add_argument("--diffusers-channels-last", action="store_true",
+                        help="also convert diffusers' model to channels_last (it runs NCHW as loaded)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the codec's network calls")
     parser.add_argument("--memory", action="store_true",
                         help="also measure each row's peak memory in a fresh subprocess (one extra run each)")
@@ -265,7 +271,7 @@ def main(argv=None):
         return
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "timings": []}
     if args.sizes:
-        ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device)
+        ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device, args.diffusers_channels_last)
         for size in args.sizes:
             modes = {"both": [False, True], "yes": [True], "no": [False]}[args.tiled]
             for tiled in modes:

@@ -309,6 +309,14 @@ def test_nonexistent_path_is_refused(tmp_path):
         vaegan.load(tmp_path / "nowhere.safetensors")
 
 
+def test_choosing_ema_weights_of_a_file_without_them_is_refused(tmp_path, folder):
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": small_vae().state_dict()}, ckpt)
+    for path in (folder, ckpt):
+        with pytest.raises(FormatError, match=r"not a vaegan training checkpoint: weights='ema'"):
+            vaegan.load(path, weights="ema")
+
+
 CALLS: list[str] = []
 
 

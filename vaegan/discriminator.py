@@ -46,12 +46,11 @@ class PatchDiscriminator(nn.Module):
         num_layers: number of stride-2 convs; each one doubles the receptive field (3 gives 70x70).
         norm: `"group"` by default. The released recipe uses BatchNorm, which (REFERENCE defect 5) fails at
             batch size 1 in training mode, normalises real and fake batches with different statistics
-            because they go through the network in separate calls, and under DDP needs SyncBatchNorm: convert
-            it with Lightning's `Trainer(sync_batchnorm=True)` (or
-            `torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)` outside Lightning), otherwise each
-            rank normalises with its own per-GPU statistics. GroupNorm has none of these problems: it
-            normalises each image on its own and behaves the same in training and evaluation. `"none"` gives
-            the plain conv net (with biases), a good partner for spectral norm.
+            because they go through the network in separate calls, and under DDP needs SyncBatchNorm (the
+            training module converts it on CUDA; otherwise each rank normalises with its own statistics).
+            GroupNorm has none of these problems: it normalises each image on its own and behaves the same in
+            training and evaluation. `"none"` gives the plain conv net (with biases), a good partner for
+            spectral norm.
         spectral_norm: wrap every conv in spectral normalisation (Miyato et al. 2018), which bounds the
             discriminator's Lipschitz constant; helps on small data sets.
     """

@@ -141,6 +141,8 @@ def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str,
 
     For a vaegan training checkpoint, `weights` picks the EMA (`"ema"`) or the trained (`"model"`) weights.
     """
+    if weights is not None and path.suffix not in TORCH_SUFFIXES:
+        raise FormatError(f"{path} is not a vaegan training checkpoint: weights={weights!r} does not apply to it")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as file:
@@ -158,6 +160,10 @@ def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str,
             ) from error
         if isinstance(checkpoint, dict) and METADATA_KEY in checkpoint:
             return _training_checkpoint_weights(checkpoint, path, weights)
+        if weights is not None:
+            raise FormatError(
+                f"{path} is not a vaegan training checkpoint: weights={weights!r} does not apply to it"
+            )
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
             checkpoint = checkpoint["state_dict"]  # a Lightning/ldm training checkpoint
         if not isinstance(checkpoint, dict):
@@ -447,16 +453,24 @@ def _original_state_dict(tensors: dict[str, torch.Tensor], num_levels: int) -> d
     return renamed
 
 
-def _write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file beside `path`, then rename: readers see the old file or the new one."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(temporary))
+        make_readable(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def make_readable(path: Path) -> None:
+    """Give a file the permissions a plain `open` would have (mkstemp makes it private to its owner, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -510,5 +524,5 @@ def save(
     else:
         original = _original_state_dict(tensors, len(vae.config.block_out_channels))
         metadata = {"format": "pt", METADATA_KEY: json.dumps(vae.config.to_dict())}
-        _write_file_atomically(path, lambda file: save_file(original, str(file), metadata=metadata))
+        write_file_atomically(path, lambda file: save_file(original, str(file), metadata=metadata))
     return path

@@ -21,6 +21,7 @@ import torch
 
 from vaegan.autoencoder import AutoencoderKL, preset
 from vaegan.discriminator import PatchDiscriminator
+from vaegan.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients
 from vaegan.formats import load
 from vaegan.grids import reconstruction_grid, save_grid
 from vaegan.losses import (
@@ -150,7 +151,19 @@ class VAEGAN(L.LightningModule):
         self._last_batch_time: float | None = None
 
     # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, GANDDPStrategy):
+            raise ValueError(
+                f"training on {self.trainer.world_size} processes needs --trainer.strategy={STRATEGY_NAME}: "
+                f"{type(self.trainer.strategy).__name__} wraps the module in one DistributedDataParallel, which "
+                "cannot reduce the separate generator and discriminator backward passes (see vaegan.distributed)"
+            )
+
     def configure_model(self) -> None:
+        if (self.hparams.disc_norm == "batch" and self.trainer.world_size > 1
+                and self.trainer.strategy.root_device.type == "cuda"):
+            # Batch statistics over the global batch, as on one device (SyncBatchNorm needs CUDA).
+            self.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
         if self.hparams.channels_last:
             for network in (self.vae, self.ema, self.discriminator):
                 if network is not None:
@@ -256,6 +269,7 @@ class VAEGAN(L.LightningModule):
             self.trainer.should_stop = True
 
     def _step(self, optimizer, scheduler) -> None:
+        average_gradients([p for group in optimizer.param_groups for p in group["params"]])
         if self.hparams.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -324,10 +338,12 @@ class VAEGAN(L.LightningModule):
                     "val/suggested_scaling_factor": scale, "val/suggested_shift_factor": shift,
                     "val/suggested_scaling_factor_no_shift": statistics.suggested_factors("scale")[0],
                 },
-                rank_zero_only=True,
+                sync_dist=True,  # the same values on every rank already (merged above); averaging keeps them
             )
+        # Every rank asks for the directory: `Trainer.log_dir` is a collective (a broadcast from rank 0).
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
         if self._grid_batch is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_grid(*self._grid_batch)
+            self._write_grid(directory, *self._grid_batch)
 
     def _gather_latent_statistics(self) -> LatentStatistics:
         """Merge the per-rank statistics so every rank logs the factors of the whole validation set."""
@@ -340,9 +356,8 @@ class VAEGAN(L.LightningModule):
             merged.merge(LatentStatistics(int(count[0].item()), mean, m2))
         return merged
 
-    def _write_grid(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+    def _write_grid(self, directory: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
         grid = reconstruction_grid(images, reconstructions)
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
         path = save_grid(grid, directory / f"batch_{int(self.batches_seen):07d}.png")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # Weights & Biases
