@@ -330,17 +330,29 @@ def load_hub_source(spec: str, split: str, streaming: bool) -> Any:
     return datasets.load_dataset(spec, split=split, streaming=streaming)
 
 
-def image_column_only(dataset: Any, column: str, spec: str) -> Any:
-    """Keep just the image column, undecoded: `load_image` decodes it so a bad row is skipped, not fatal."""
+def image_column_only(dataset: Any, column: str, spec: str, keep: tuple[str, ...] = ()) -> Any:
+    """Keep just the image column, undecoded (`load_image` decodes it so a bad row is skipped, not fatal), and
+    the `keep` columns, which the caller has checked."""
     import datasets
 
     names = dataset.column_names
     if names is not None and column not in names:
         raise ValueError(f"{spec} has no column {column!r}; its columns are {names}: set image_column")
-    dataset = dataset.select_columns([column])
+    dataset = dataset.select_columns([column, *keep])
     if isinstance((dataset.features or {}).get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset
+
+
+def open_reader(spec: str, split: str, image_column: str, min_size: int) -> tuple[ImageReader, list[Skip]]:
+    """Random access to an image folder or a map-style `datasets` source, and the files skipped on the scan."""
+    if is_image_folder(spec):
+        good, skipped = scan_image_files(list_image_files(Path(spec)), min_size)
+        if not good:
+            raise ValueError(f"{spec}: no usable images ({len(skipped)} skipped)")
+        return FolderImages(good), skipped
+    dataset = image_column_only(load_hub_source(spec, split, False), image_column, spec)
+    return HubImages(dataset, image_column, spec), []
 
 
 def load_demo_photos(names: tuple[str, ...]) -> ArrayImages:
@@ -494,17 +506,9 @@ class ImageDataModule(L.LightningDataModule):
         self.val_dataset = ImageDataset(val, val_crop, self.min_size)
 
     def _reader(self, spec: str, split: str) -> ImageReader:
-        if is_image_folder(spec):
-            good, skipped = scan_image_files(list_image_files(Path(spec)), self.min_size)
-            self.record_skips(skipped)
-            if not good:
-                raise ValueError(f"{spec}: no usable images ({len(skipped)} skipped)")
-            return FolderImages(good)
-        return HubImages(
-            image_column_only(load_hub_source(spec, split, False), self.image_column, spec),
-            self.image_column,
-            spec,
-        )
+        reader, skipped = open_reader(spec, split, self.image_column, self.min_size)
+        self.record_skips(skipped)
+        return reader
 
     def _setup_streaming(self, train_crop: TrainCrop, val_crop: EvalCrop) -> None:
         from datasets.distributed import split_dataset_by_node

@@ -1,7 +1,9 @@
 """Reconstruction metrics, one implementation for training validation and for evaluation.
 
 Conventions follow the papers (REFERENCE.md §4): images are compared as uint8 in [0, 255], PSNR is computed
-per image and then averaged, SSIM uses an 11-tap Gaussian window (sigma 1.5) on each RGB channel.
+per image and then averaged, SSIM uses an 11-tap Gaussian window (sigma 1.5) on each RGB channel, MS-SSIM the
+five standard scales. The Fréchet distance of rFID is here; its Inception features are in `inception.py`, LPIPS
+in `perceptual.py`.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (B,) of uint8 images (B, C, H, W): Wang et al. 2004 with the 11-tap Gaussian window.
+def _ssim_terms(
+    reference: torch.Tensor, reconstruction: torch.Tensor, sample_covariance: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel SSIM and contrast-structure term (B, C) each, over the valid region of the 11-tap window.
 
-    Statistics are taken over the valid region only (no padding), per channel, then averaged, as in
-    scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5, data_range=255)`.
+    `sample_covariance` multiplies (co)variances by n / (n - 1) with n = 121 window taps: the convention of the
+    original SSIM code and scikit-image. The MS-SSIM implementations (TensorFlow's `ssim_multiscale`,
+    pytorch-msssim) use population covariances, so MS-SSIM turns it off to give their numbers.
     """
     x, y = reference.double(), reconstruction.double()
     channels = x.shape[1]
@@ -47,14 +52,125 @@ def ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
 
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mu_x, mu_y = blur(x), blur(y)
-    # Sample (not population) covariances, the convention of the original SSIM code and scikit-image.
     n = window.numel() ** 2
-    correction = n / (n - 1)
+    correction = n / (n - 1) if sample_covariance else 1.0
     var_x = (blur(x * x) - mu_x**2) * correction
     var_y = (blur(y * y) - mu_y**2) * correction
     cov_xy = (blur(x * y) - mu_x * mu_y) * correction
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean(dim=(1, 2, 3)).float()
+    cs_map = (2 * cov_xy + c2) / (var_x + var_y + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
+    return ssim_map.mean(dim=(2, 3)), cs_map.mean(dim=(2, 3))
+
+
+def ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (B,) of uint8 images (B, C, H, W): Wang et al. 2004 with the 11-tap Gaussian window.
+
+    Statistics are taken over the valid region only (no padding), per channel, then averaged, as in
+    scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5, data_range=255)`.
+    """
+    per_channel, _ = _ssim_terms(reference, reconstruction, sample_covariance=True)
+    return per_channel.mean(dim=1).float()
+
+
+# Wang, Simoncelli & Bovik 2003: the exponents of the five scales, fitted to human judgements.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+# The 11-tap window must still fit after four halvings: (11 - 1) * 2^4 + 1 pixels on the smaller side.
+MS_SSIM_MIN_SIZE = (11 - 1) * 2 ** (len(MS_SSIM_WEIGHTS) - 1) + 1
+
+
+def ms_ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Per-image MS-SSIM (B,) of uint8 images (B, C, H, W), both sides at least `MS_SSIM_MIN_SIZE` (161).
+
+    The five-scale MS-SSIM of Wang et al. 2003 as TensorFlow's `tf.image.ssim_multiscale` and pytorch-msssim
+    compute it: at each scale the contrast-structure term, at the coarsest the full SSIM, per channel, each
+    clamped at 0 (a negative value has no real fractional power) and raised to its weight; the product over
+    scales is averaged over channels. Between scales both images are 2x2 average-pooled (odd sides padded).
+    """
+    height, width = reference.shape[-2:]
+    if min(height, width) < MS_SSIM_MIN_SIZE:
+        raise ValueError(
+            f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIZE}x{MS_SSIM_MIN_SIZE} pixels (the 11-tap window "
+            f"after four 2x halvings), got {height}x{width}"
+        )
+    x, y = reference.double(), reconstruction.double()
+    factors = []
+    for level, weight in enumerate(MS_SSIM_WEIGHTS):
+        per_channel_ssim, per_channel_cs = _ssim_terms(x, y, sample_covariance=False)  # (B, C) each
+        if level == len(MS_SSIM_WEIGHTS) - 1:
+            factors.append(per_channel_ssim.clamp(min=0) ** weight)
+            break
+        factors.append(per_channel_cs.clamp(min=0) ** weight)
+        padding = (x.shape[-2] % 2, x.shape[-1] % 2)
+        x, y = F.avg_pool2d(x, 2, padding=padding), F.avg_pool2d(y, 2, padding=padding)
+    return torch.stack(factors).prod(dim=0).mean(dim=1).float()
+
+
+def latent_bits_per_pixel(
+    latent_shape: tuple[int, int, int], image_size: tuple[int, int], dtype: torch.dtype
+) -> float:
+    """Bits the latent (C, h, w) takes per image pixel when stored in `dtype`: C * h * w * bits / (H * W).
+
+    The uncompressed RGB image takes 24; a diffusion model's cost grows with C * h * w, the storage of a
+    latent dataset with the bits as well.
+    """
+    channels, height, width = latent_shape
+    bits = torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
+    return channels * height * width * bits / (image_size[0] * image_size[1])
+
+
+@dataclass
+class FeatureMoments:
+    """Running mean and covariance of feature vectors (N, D), in float64: the Gaussian that FID compares.
+
+    Sums are kept instead of the features, so memory is D^2 whatever the number of images (32 MB for
+    Inception's 2048 features).
+    """
+
+    count: int = 0
+    total: torch.Tensor | None = None          # (D,)
+    outer_total: torch.Tensor | None = None    # (D, D)
+
+    def update(self, features: torch.Tensor) -> None:
+        features = features.detach().double().cpu()  # (N, D)
+        if self.total is None:
+            self.total = torch.zeros(features.shape[1], dtype=torch.float64)
+            self.outer_total = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+        self.count += features.shape[0]
+        self.total += features.sum(dim=0)
+        self.outer_total += features.T @ features
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D,), (D, D): the sample mean and the unbiased covariance (N - 1), as numpy.cov in pytorch-fid."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
+        mean = self.total / self.count
+        covariance = (self.outer_total - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return mean, covariance
+
+
+def _symmetric_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix; eigenvalues below 0 (rounding) count as 0."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(
+    mean_a: torch.Tensor, covariance_a: torch.Tensor, mean_b: torch.Tensor, covariance_b: torch.Tensor
+) -> float:
+    """Fréchet distance between N(mean_a, covariance_a) and N(mean_b, covariance_b), as FID defines it.
+
+    d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)). The trace of the square root is taken
+    through the symmetric matrix S_a^(1/2) S_b S_a^(1/2), which has the eigenvalues of S_a S_b: an `eigh` in
+    float64 instead of scipy's `sqrtm` of a non-symmetric product (pytorch-fid), which can return complex
+    noise on rank-deficient covariances. Both give the same number where sqrtm is well behaved.
+    """
+    mean_a, mean_b = mean_a.double(), mean_b.double()
+    covariance_a, covariance_b = covariance_a.double(), covariance_b.double()
+    root_a = _symmetric_sqrt(covariance_a)
+    product = root_a @ covariance_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mean_a - mean_b).pow(2).sum() + covariance_a.trace() + covariance_b.trace() - 2 * trace_sqrt
+    return distance.item()
 
 
 @dataclass
