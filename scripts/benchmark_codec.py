@@ -3,10 +3,11 @@
 Throughput (images/s, median of repeats, the two implementations alternated within one run after a warm-up),
 an fp32 equality check, optional peak memory (a fresh subprocess per measurement: peak RSS minus its baseline
 on CPU, max_memory_allocated on CUDA), the seam error of tiled vs untiled output on a real photo, and the peak
-memory of a 2048^2 decode. Random weights: speed, memory and seams do not depend on training.
+memory of a 2048^2 decode. Random weights for speed and memory, which do not depend on training; seams need a
+trained VAE (--model).
 
     python scripts/benchmark_codec.py --arch sd --sizes 256 --repeats 3 --json bench.json
-    python scripts/benchmark_codec.py --arch sd --seams --sizes
+    python scripts/benchmark_codec.py --seams --model runs/demo/vae --sizes
     python scripts/benchmark_codec.py --arch sd --memory-2048 --sizes
 """
 
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from vaegan import AutoencoderKL, Codec, preset
+from vaegan import AutoencoderKL, Codec, load, preset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -184,11 +185,15 @@ def peak_memory(args, impl: str, op: str, size: int, tiled: bool) -> dict:
 # ---- seams on a real photo ----
 
 def seam_errors(args) -> list[dict]:
-    """Tiled vs untiled encode and decode of skimage's astronaut (512^2), for each overlap in --overlaps."""
+    """Tiled vs untiled encode and decode of skimage's astronaut (512^2), for each overlap in --overlaps.
+
+    Seams are only meaningful for a trained VAE (--model): with random weights the error mostly measures how
+    much each tile's GroupNorm statistics differ from the whole image's.
+    """
     from skimage.data import astronaut
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(preset(args.arch))
+    vae = load(args.model) if args.model else AutoencoderKL(preset(args.arch))
     photo = torch.from_numpy(astronaut()).permute(2, 0, 1)[None]                 # (1, 3, 512, 512) uint8
     untiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], auto_tile_pixels=None)
     latents = untiled.encode(photo)
@@ -254,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seams", action="store_true",
                         help="measure tiled-vs-untiled error on a 512^2 photo")
     parser.add_argument("--seam-tile-size", type=int, default=256, help="tile size for --seams")
+    parser.add_argument("--model", default=None,
+                        help="a trained VAE (any format vaegan reads) for --seams instead of random --arch weights")
     parser.add_argument("--overlaps", type=int, nargs="+", default=[0, 32, 64, 128],
                         help="tile overlaps in pixels for --seams")
     parser.add_argument("--memory-2048", action="store_true",

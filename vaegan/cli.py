@@ -1,4 +1,5 @@
-"""The `vaegan` command: `fit` and `validate` through LightningCLI; `convert`, `info` and `export` for VAEs."""
+"""The `vaegan` command: `fit` and `validate` through LightningCLI; `convert`, `info`, `export` and `eval` for
+VAEs; `encode` and `decode` for datasets of latents."""
 
 from __future__ import annotations
 
@@ -347,7 +348,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="any VAE vaegan reads (default: the one the manifest names, if it is still there)")
     parser.add_argument("--format", choices=["png", "webp", "jpeg"], default="png", help="image format (default: png)")
-    parser.add_argument("--quality", type=int, default=95, help="webp/jpeg quality (default: 95)")
+    parser.add_argument("--quality", type=int, default=95,
+                        help="webp/jpeg quality; webp at 100 is lossless (default: 95)")
     parser.add_argument("--sample", action="store_true",
                         help="decode a sample of the stored posterior instead of its mean")
     parser.add_argument("--ids", nargs="+", default=None, help="decode only these ids")
