@@ -125,6 +125,19 @@ def test_fp16_variant_and_bin_folders(tmp_path):
     assert_same_outputs(vaegan.load(tmp_path / "bin"), reference)
 
 
+def test_sharded_folder_written_by_diffusers(tmp_path):
+    reference = perturbed(diffusers.AutoencoderKL(**{
+        k: v for k, v in diffusers_config(CONFIGS["sd"]).items() if not k.startswith("_")
+    }))
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert_same_outputs(vaegan.load(tmp_path / "sharded"), reference)
+    shards[-1].unlink()
+    with pytest.raises(FormatError, match=rf"index\.json names the shard {shards[-1].name}, which does not exist"):
+        vaegan.load(tmp_path / "sharded")
+
+
 def test_pipeline_folder_loads_its_vae_subfolder(tmp_path):
     vae = small_vae()
     vae.save(tmp_path / "vae")

@@ -42,6 +42,7 @@ METADATA_KEY = "vaegan_config"
 # In order of preference: full precision first, the fp16 variant only when it is all there is.
 WEIGHTS_CANDIDATES = (
     WEIGHTS_NAME,
+    WEIGHTS_NAME + ".index.json",  # sharded: the index maps each tensor to its shard file
     "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.fp16.bin",
@@ -141,6 +142,8 @@ def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str,
 
     For a vaegan training checkpoint, `weights` picks the EMA (`"ema"`) or the trained (`"model"`) weights.
     """
+    if path.name.endswith(".safetensors.index.json"):
+        return _read_sharded(path), {}
     if weights is not None and path.suffix not in TORCH_SUFFIXES:
         raise FormatError(f"{path} is not a vaegan training checkpoint: weights={weights!r} does not apply to it")
     if path.suffix == ".safetensors":
@@ -172,6 +175,26 @@ def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str,
     raise FormatError(
         f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, {', '.join(TORCH_SUFFIXES)}"
     )
+
+
+def _read_sharded(index_path: Path) -> dict[str, object]:
+    """All tensors of a sharded safetensors checkpoint, checked against its index: every shard present, and
+    every tensor in the shard the index names."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise FormatError(f"{index_path} is not a readable shard index with a weight_map ({error})") from error
+    tensors: dict[str, object] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise FormatError(f"{index_path} names the shard {shard}, which does not exist")
+        entries, _ = _read_tensor_file(shard_path)
+        expected = {key for key, name in weight_map.items() if name == shard}
+        if missing := sorted(expected - entries.keys()):
+            raise FormatError(f"{shard_path} lacks {len(missing)} tensors its index assigns to it: {missing[:5]}")
+        tensors.update(entries)
+    return tensors
 
 
 def _training_checkpoint_weights(
