@@ -53,8 +53,11 @@ def rotated_jpeg(path: Path) -> None:
 
 @pytest.fixture
 def messy_folder(tmp_path: Path) -> Path:
-    """Nested folders of good photos, awkward-but-valid encodings and four bad files."""
-    root = tmp_path / "images"
+    return make_messy_folder(tmp_path / "images")
+
+
+def make_messy_folder(root: Path) -> Path:
+    """Nested folders of good photos, awkward-but-valid encodings and four bad files (`BAD_FILES`)."""
     (root / "photos").mkdir(parents=True)
     (root / "odd" / "deeper").mkdir(parents=True)
     Image.fromarray(skimage.data.astronaut()[:200, :300]).save(root / "photos" / "astronaut.png")

@@ -3,8 +3,9 @@
 from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
 from vaegan.codec import Codec
 from vaegan.formats import FormatError, load, save
+from vaegan.latents import LatentDataset
 
 __all__ = [
     "PRESETS", "AutoencoderConfig", "AutoencoderKL", "Codec", "DiagonalGaussian", "FormatError",
-    "load", "preset", "save",
+    "LatentDataset", "load", "preset", "save",
 ]

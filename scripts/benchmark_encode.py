@@ -1,0 +1,173 @@
+"""Benchmark dataset encoding end to end: `vaegan encode` against a plain loop over diffusers' AutoencoderKL.
+
+Both encode the same image files with the same weights, at the same batch size, precision and device, in one
+run: read, decode, resize and centre-crop each image, encode, keep the posterior (mean and log-variance in fp16).
+The plain loop is what a script without vaegan does: one process, load an image, then encode, then the next
+batch, and one torch.save at the end. vaegan decodes in DataLoader workers while the model runs, and writes
+Parquet shards. Reported per pipeline: images/s end to end (model loading included), images/s of the encoding
+loop alone, and the share of the loop spent waiting for data (for the plain loop: the time spent loading
+images, since nothing else can happen meanwhile). The latents of the two are compared as well.
+
+    python scripts/benchmark_encode.py --arch tiny --images ../shared/assets/bsds500/train --max-images 48
+    python scripts/benchmark_encode.py --arch sd --resolution 256 --device cuda --dtype bf16 --max-images 2000 \\
+        --num-workers 8 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vaegan
+from vaegan.codec import resolve_dtype
+from vaegan.data import list_image_files
+from vaegan.encoding import default_num_workers, encode_dataset
+from vaegan.images import load_image, resize_center_crop, to_tensor
+from vaegan.latents import LatentDataset
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "bsds500" / "train"
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plain_loop(model_dir: Path, files: list[Path], args, out: Path) -> dict:
+    """The reference: diffusers' AutoencoderKL in one process, data loading and encoding taking turns."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    start = time.perf_counter()
+    dtype = resolve_dtype(args.dtype)
+    vae = DiffusersAutoencoderKL.from_pretrained(model_dir, torch_dtype=dtype).to(args.device)
+    vae = vae.eval().requires_grad_(False)
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    loop_start = time.perf_counter()
+    loading = 0.0
+    means, logvars = [], []
+    for first in range(0, len(files), args.batch_size):
+        before = time.perf_counter()
+        batch = files[first:first + args.batch_size]
+        crops = [resize_center_crop(load_image(path), args.resolution)[0] for path in batch]
+        x = torch.stack([to_tensor(crop) for crop in crops])                       # (B, 3, R, R) in [-1, 1]
+        loading += time.perf_counter() - before
+        with torch.inference_mode():
+            posterior = vae.encode(x.to(args.device, dtype)).latent_dist
+            means.append(((posterior.mean.float() - shift) * scale).half().cpu())
+            logvars.append(posterior.logvar.float().half().cpu())
+    torch.save({"mean": torch.cat(means), "logvar": torch.cat(logvars)}, out)
+    synchronize(args.device)
+    end = time.perf_counter()
+    return {
+        "pipeline": "plain diffusers loop", "images": len(files), "seconds": end - start,
+        "loop_seconds": end - loop_start, "data_wait": loading / (end - loop_start), "mean": torch.cat(means).float(),
+    }
+
+
+def vaegan_encode(model_dir: Path, folder: Path, args, out: Path) -> dict:
+    start = time.perf_counter()
+    summary = encode_dataset(
+        model_dir, folder, out, crop=args.resolution, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, dtype=args.dtype, latent_dtype="fp16", shard_size=args.shard_size, progress=False,
+    )
+    synchronize(args.device)
+    end = time.perf_counter()
+    dataset = LatentDataset(out, sample=False)
+    order = np.argsort(dataset.indices)  # the listing order, which the plain loop follows too
+    mean = torch.stack([dataset[int(i)]["latent"] for i in order])
+    return {
+        "pipeline": "vaegan encode", "images": summary.encoded, "seconds": end - start,
+        "loop_seconds": summary.seconds, "data_wait": summary.data_wait, "mean": mean,
+    }
+
+
+def link_folder(files: list[Path], folder: Path) -> Path:
+    """A folder of symbolic links to `files`."""
+    folder.mkdir()
+    for path in files:
+        os.symlink(path.resolve(), folder / path.name)
+    return folder
+
+
+def print_table(rows: list[dict], args) -> None:
+    print(f"\n{args.model or args.arch} at {args.resolution}^2, batch {args.batch_size}, {args.dtype} on "
+          f"{args.device}, {args.threads} torch threads, vaegan with {args.num_workers} data workers")
+    print(f"{'pipeline':22s} {'images':>6s} {'end to end s':>12s} {'img/s':>7s} {'loop img/s':>10s} {'data wait':>9s}")
+    for row in rows:
+        print(f"{row['pipeline']:22s} {row['images']:6d} {row['seconds']:12.2f} "
+              f"{row['images'] / row['seconds']:7.2f} {row['images'] / row['loop_seconds']:10.2f} "
+              f"{100 * row['data_wait']:8.1f}%")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="tiny", choices=list(vaegan.PRESETS),
+                        help="architecture preset with random weights (default: tiny); ignored with --model")
+    parser.add_argument("--model", default=None, help="a VAE vaegan reads, instead of random weights")
+    parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images (default: BSDS500 train)")
+    parser.add_argument("--max-images", type=int, default=48, help="the first N images of the folder (default: 48)")
+    parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of both models")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default: cpu)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of the encoding process")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="vaegan's data-loading processes (default: vaegan's, the free cores up to 8)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="vaegan's images per shard (default: 1000)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each pipeline, alternating which goes first; medians reported (default: 1)")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(1)
+    torch.set_num_threads(args.threads)
+    files = list_image_files(Path(args.images))[:args.max_images]
+    if not files:
+        raise SystemExit(f"{args.images}: no images")
+    with tempfile.TemporaryDirectory(prefix="benchmark_encode_") as scratch:
+        scratch = Path(scratch)
+        folder = link_folder(files, scratch / "images")  # exactly the chosen files, for both pipelines
+        warm_folder = link_folder(files[:args.batch_size], scratch / "warm-images")
+        files = sorted(folder.iterdir())
+        torch.manual_seed(0)
+        vae = vaegan.load(args.model) if args.model else vaegan.AutoencoderKL(vaegan.preset(args.arch))
+        model_dir = vae.save(scratch / "vae", format="diffusers")  # diffusers reads this folder too: same weights
+        # Warm-up (allocator, oneDNN kernels, CUDA context, file cache) outside the timings, for both.
+        plain_loop(model_dir, files[:args.batch_size], args, scratch / "warm.pt")
+        vaegan_encode(model_dir, warm_folder, args, scratch / "warm")
+        runs: dict[str, list[dict]] = {"plain diffusers loop": [], "vaegan encode": []}
+        for repeat in range(args.repeats):
+            order = ("plain", "vaegan") if repeat % 2 == 0 else ("vaegan", "plain")
+            for name in order:
+                if name == "plain":
+                    result = plain_loop(model_dir, files, args, scratch / f"plain{repeat}.pt")
+                else:
+                    result = vaegan_encode(model_dir, folder, args, scratch / f"vaegan{repeat}")
+                runs[result["pipeline"]].append(result)
+        rows = []
+        for pipeline, results in runs.items():
+            median = {key: statistics.median(result[key] for result in results)
+                      for key in ("seconds", "loop_seconds", "data_wait")}
+            rows.append({"pipeline": pipeline, "images": results[0]["images"], **median})
+        difference = (runs["plain diffusers loop"][0]["mean"] - runs["vaegan encode"][0]["mean"]).abs().max().item()
+    print_table(rows, args)
+    print(f"max |difference| of the stored posterior means (both fp16): {difference:.2e}")
+    if args.json:
+        report = {"args": vars(args), "results": rows, "max_abs_diff": difference}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

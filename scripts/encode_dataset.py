@@ -1,0 +1,24 @@
+"""Encode an image dataset into latent Parquet shards with a frozen VAE; the same as `vaegan encode`.
+
+    python scripts/encode_dataset.py --model out/sd-vae --input /data/images --output /data/latents --crop 256
+    python scripts/encode_dataset.py --model sdxl_vae.safetensors --input webdataset:/data/shards \\
+        --image-column jpg --id-column __key__ --output /data/latents --buckets 1024 --device cuda --dtype bf16
+    torchrun --nproc-per-node 8 scripts/encode_dataset.py ... --device cuda     # one rank per GPU
+
+Rerun the same command to resume; see vaegan/encoding.py for how the work is shared and committed.
+"""
+
+import argparse
+
+from vaegan.cli import ENCODE_DESCRIPTION, add_encode_arguments
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=ENCODE_DESCRIPTION)
+    add_encode_arguments(parser)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Encoded latents for downstream use: `LatentDataset` for a diffusion trainer, `decode_latents` for inspection.
+
+    dataset = LatentDataset("/data/latents")                 # samples from the stored posterior each time
+    loader = DataLoader(dataset, batch_sampler=dataset.batch_sampler(64, shuffle=True), num_workers=4)
+    for batch in loader:
+        latents = batch["latent"]                            # (64, C, h, w) float32, normalised, one bucket
+
+Items are normalised latents (what `Codec.encode` returns and a diffusion model trains on), with the SDXL-style
+conditioning the shards keep: the source image size and the crop box. Every batch of `batch_sampler` holds one
+latent shape (bucket), as a trainer stacking tensors needs.
+
+Reading: the shards stay on disk; an item is read by decoding its Parquet row group (`vaegan.shards`
+writes groups of 64 rows), and each process keeps the last few groups decoded. That suits any access order but
+costs a group decode per item under a full shuffle: pass `in_memory=True` to decode everything once up front
+(about the size of the shard files) when it fits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from vaegan.codec import Codec
+from vaegan.formats import load
+from vaegan.shards import (
+    MANIFEST_NAME,
+    decode_values,
+    file_metadata,
+    read_json,
+    shard_files,
+    tensor_columns,
+    unnested,
+    weights_sha256,
+)
+
+# Small per-row columns, read for every row when the dataset opens.
+INDEX_COLUMNS = ["id", "index", "latent_shape", "source_height", "source_width", "crop_box"]
+# Decoded row groups each process keeps (the working set of a sequential or bucket-local read).
+CACHED_ROW_GROUPS = 8
+
+
+class LatentDataset(Dataset):
+    """The latents of a `vaegan encode` folder (or one shard file) as a map-style torch `Dataset`.
+
+    Item i: {"latent": (C, h, w) float32 normalised, "id": str, "index": int,
+             "original_size": (2,) int64 (height, width) of the source, "crop_box": (4,) float32
+             (left, top, right, bottom) in source pixels}.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample: bool | None = None, in_memory: bool = False):
+        """
+        Args:
+            path: an output folder of `vaegan encode`, or one of its `train-*.parquet` files.
+            sample: draw each item from the stored posterior, mean + exp(logvar / 2) * randn, with torch's global
+                generator (DataLoader workers seed it per worker and epoch); False returns the mean. None:
+                sample when the posterior was stored, else return the stored latent (mean or sample).
+            in_memory: decode all latents when the dataset opens instead of on demand (see the module doc).
+        """
+        self.path = Path(path)
+        self.files = shard_files(path)
+        metadata = [file_metadata(file) for file in self.files]
+        for key in ("store", "dtype", "scaling_factor", "shift_factor", "vae_sha256"):
+            values = {repr(entry.get(key)) for entry in metadata}
+            if len(values) > 1:
+                raise ValueError(f"{self.path}: shards disagree on {key} ({sorted(values)}); not one encoding run")
+        self.metadata = metadata[0]
+        self.store, self.dtype = self.metadata["store"], self.metadata["dtype"]
+        if sample and self.store != "posterior":
+            raise ValueError(
+                f"{self.path}: sample=True needs the posterior, but these shards store one latent per image "
+                f"(store={self.store!r}); pass sample=False or None, or re-encode with store='posterior'"
+            )
+        self.sample = self.store == "posterior" if sample is None else sample
+        self.columns = list(tensor_columns(self.store))
+        if not self.sample and self.store == "posterior":
+            self.columns = ["mean"]
+        self.manifest = read_json(self.path / MANIFEST_NAME) if (self.path / MANIFEST_NAME).is_file() else None
+        if self.manifest is not None and not self.manifest.get("complete"):
+            warnings.warn(f"{self.path}: encoding is not complete (manifest says so); reading the shards done so far",
+                          stacklevel=2)
+
+        tables, locations = [], []
+        for number, file in enumerate(self.files):
+            parquet = pq.ParquetFile(file)
+            tables.append(parquet.read(columns=INDEX_COLUMNS))
+            for group in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                locations.append(np.stack([np.full(rows, number), np.full(rows, group), np.arange(rows)], axis=1))
+        self.ids = [value for table in tables for value in table.column("id").to_pylist()]
+        self.indices = np.concatenate([table.column("index").to_numpy() for table in tables])
+        self.shapes = np.concatenate([_fixed(table, "latent_shape", 3) for table in tables]).astype(np.int64)
+        self.original_sizes = np.concatenate([
+            np.stack([table.column("source_height").to_numpy(), table.column("source_width").to_numpy()], axis=1)
+            for table in tables
+        ]).astype(np.int64)
+        self.crop_boxes = np.concatenate([_fixed(table, "crop_box", 4) for table in tables]).astype(np.float32)
+        self.locations = np.concatenate(locations)  # (N, 3): file, row group, row within the group
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._groups: OrderedDict[tuple[int, int], dict[str, list[np.ndarray]]] = OrderedDict()
+        self._cache_size = math.inf if in_memory else CACHED_ROW_GROUPS
+        if in_memory:
+            for file, group in np.unique(self.locations[:, :2], axis=0).tolist():
+                self._row_group(file, group)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        file, group, row = (int(value) for value in self.locations[index])
+        values = self._row_group(file, group)
+        latent = torch.from_numpy(decode_values(values["mean" if "mean" in values else "latent"][row], self.dtype))
+        if self.sample:
+            std = torch.from_numpy(decode_values(values["logvar"][row], self.dtype)).mul(0.5).exp()
+            latent = latent + std * torch.randn(latent.shape)
+        return {
+            "latent": latent,                                                   # (C, h, w)
+            "id": self.ids[index],
+            "index": int(self.indices[index]),
+            "original_size": torch.from_numpy(self.original_sizes[index]),      # (2,) height, width
+            "crop_box": torch.from_numpy(self.crop_boxes[index]),               # (4,)
+        }
+
+    def _row_group(self, file: int, group: int) -> dict[str, list[np.ndarray]]:
+        """The stored latents of one row group, one (C, h, w) array per row, through a small LRU cache."""
+        key = (file, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        parquet = self._files.get(file)
+        if parquet is None:
+            parquet = self._files[file] = pq.ParquetFile(self.files[file])
+        table = parquet.read_row_group(group, columns=[*self.columns, "latent_shape"])
+        shapes = _fixed(table, "latent_shape", 3)
+        values = {name: unnested(table.column(name), shapes) for name in self.columns}
+        self._groups[key] = values
+        while len(self._groups) > self._cache_size:
+            self._groups.popitem(last=False)
+        return values
+
+    def __getstate__(self) -> dict:
+        # Open Parquet handles do not cross into DataLoader workers; each worker opens its own.
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def buckets(self) -> dict[tuple[int, int, int], np.ndarray]:
+        """Item indices by latent shape (C, h, w)."""
+        keys, inverse = np.unique(self.shapes, axis=0, return_inverse=True)
+        return {tuple(int(side) for side in key): np.flatnonzero(inverse.reshape(-1) == i) for i, key in
+                enumerate(keys)}
+
+    def batch_sampler(self, batch_size: int, **options: Any) -> BucketBatchSampler:
+        """Batches of one latent shape each; `options` as for `BucketBatchSampler`."""
+        return BucketBatchSampler(self.shapes, batch_size, **options)
+
+
+def _fixed(table: Any, column: str, size: int) -> np.ndarray:
+    """A fixed-size-list column as an (N, size) array."""
+    return table.column(column).combine_chunks().flatten().to_numpy().reshape(-1, size)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices that share a latent shape, for `DataLoader(batch_sampler=...)`.
+
+    With `shuffle`, each epoch permutes the items of every bucket and then the order of all batches, seeded by
+    (seed, epoch): call `set_epoch` each epoch, as with `DistributedSampler`. Under data parallelism every rank
+    gets every `world_size`-th batch of the same global order; the batch count is cut to a multiple of
+    `world_size` so that all ranks take the same number of steps. rank and world_size default to
+    torch.distributed's when it is initialised.
+    """
+
+    def __init__(
+        self, shapes: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+        rank: int | None = None, world_size: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if rank is None or world_size is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.shapes, self.batch_size, self.shuffle, self.seed = shapes, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _buckets(self) -> list[np.ndarray]:
+        """Item indices of each latent shape."""
+        _, inverse = np.unique(self.shapes, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        return [np.flatnonzero(inverse == bucket) for bucket in range(inverse.max() + 1 if len(inverse) else 0)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for members in self._buckets():
+            if self.shuffle:
+                members = generator.permutation(members)
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch.tolist())
+        if self.shuffle:
+            batches = [batches[i] for i in generator.permutation(len(batches))]
+        usable = len(batches) // self.world_size * self.world_size
+        return iter(batches[:usable][self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        batches = sum(rounding(len(members) / self.batch_size) for members in self._buckets())
+        return batches // self.world_size
+
+
+# ---- decoding back to images ----
+
+IMAGE_FORMATS = {"png": ("PNG", ".png"), "webp": ("WEBP", ".webp"), "jpeg": ("JPEG", ".jpg"), "jpg": ("JPEG", ".jpg")}
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+
+
+def read_tensor_file(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """Normalised latents saved by a diffusion sampler: (name, (C, h, w)) for each latent in the file.
+
+    A tensor (B, C, h, w) or (C, h, w) in .pt/.pth/.npy, or every tensor of a .safetensors file or of a dict
+    saved with torch.save; the i-th latent of tensor `key` is named "key-i" (the file's stem for a bare tensor).
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    elif path.suffix == ".npy":
+        tensors = {path.stem: torch.from_numpy(np.load(path))}
+    else:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = loaded if isinstance(loaded, dict) else {path.stem: loaded}
+    latents = []
+    for key, tensor in tensors.items():
+        if not torch.is_tensor(tensor) or tensor.ndim not in (3, 4) or not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key!r} is not a float latent tensor (B, C, h, w) or (C, h, w)")
+        batch = tensor[None] if tensor.ndim == 3 else tensor
+        latents += [(f"{key}-{i:05d}", latent.float()) for i, latent in enumerate(batch)]
+    return latents
+
+
+def save_options(pil_format: str, quality: int) -> dict:
+    """PIL's save arguments: PNG is lossless anyway; WebP at quality 100 is written lossless, JPEG never is."""
+    if pil_format == "PNG":
+        return {}
+    if pil_format == "WEBP" and quality >= 100:
+        return {"lossless": True}
+    return {"quality": quality}
+
+
+def image_path(folder: Path, name: str, suffix: str, taken: set[Path]) -> Path:
+    """Where the image of latent `name` goes: its id as a relative path, with the image format's suffix.
+
+    Ids cannot leave `folder` (absolute parts and ".." are dropped); two ids that would collide once their
+    suffix is replaced ("a.jpg", "a.png") keep the original suffix too ("a.png.png").
+    """
+    parts = [part for part in Path(name).parts if part not in ("", ".", "..") and part != Path(name).anchor]
+    relative = Path(*parts) if parts else Path("latent")
+    path = folder / relative.with_suffix(suffix) if relative.suffix else folder / f"{relative}{suffix}"
+    if path in taken:
+        path = folder / f"{relative}{suffix}"
+    taken.add(path)
+    return path
+
+
+def decode_latents(
+    latents: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    *,
+    format: str = "png",
+    quality: int = 95,
+    sample: bool = False,
+    ids: list[str] | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    dtype: str = "fp32",
+    batch_size: int = 4,
+    tile_size: int | None = None,
+    config: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Decode latents to image files in `output`; returns their paths.
+
+    Args:
+        latents: a `vaegan encode` folder or shard file (images named by id), or a tensor file of normalised
+            latents from a sampler (.pt, .pth, .npy, .safetensors; see `read_tensor_file`).
+        model: any VAE `vaegan.load` reads; default: the VAE the manifest names, if it is still there. A VAE
+            other than the encoder is allowed (a fine-tuned decoder) but warned about.
+        format: png, webp or jpeg; `quality` for webp (100: lossless) and jpeg.
+        sample: decode a posterior sample instead of the mean (shards that store the posterior).
+        ids, limit: only these ids / only the first `limit` latents.
+        device, dtype, batch_size, tile_size, config: as for `vaegan.Codec` and `vaegan.load`; latents whose
+            image exceeds 1024^2 pixels are decoded in tiles (`Codec`'s default) so memory stays bounded.
+    """
+    if format not in IMAGE_FORMATS:
+        raise ValueError(f"format={format!r}; choose one of png, webp, jpeg")
+    pil_format, suffix = IMAGE_FORMATS[format]
+    source, folder = Path(latents), Path(output)
+    if source.suffix in TENSOR_SUFFIXES:
+        named = read_tensor_file(source)
+        dataset, factors, expected_hash = None, None, None
+        if model is None:
+            raise ValueError(f"{source}: a tensor file does not say which VAE made it; pass model=")
+    else:
+        dataset = LatentDataset(source, sample=sample)
+        factors = (dataset.metadata["scaling_factor"], dataset.metadata["shift_factor"])
+        expected_hash = dataset.metadata.get("vae_sha256")
+        if model is None:
+            named_model = (dataset.manifest or {}).get("vae", {}).get("source")
+            if not named_model or not Path(named_model).exists():
+                raise ValueError(f"{source}: the VAE that encoded it ({named_model or 'unknown'}) is not at hand; "
+                                 "pass model=")
+            model = named_model
+    vae = load(model, config=config)
+    if expected_hash and weights_sha256(vae) != expected_hash:
+        warnings.warn(f"decoding {source} with {model}, not the VAE that encoded it (weights differ)", stacklevel=2)
+    codec = Codec(vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype,
+                  batch_size=batch_size, tile_size=tile_size)
+    if dataset is not None:
+        wanted = None if ids is None else set(ids)
+        selected = [i for i, name in enumerate(dataset.ids) if wanted is None or name in wanted]
+        missing = sorted((wanted or set()) - {dataset.ids[i] for i in selected})
+        if missing:
+            raise ValueError(f"{source}: no latents with ids {missing[:10]}")
+        selected = selected[:limit]
+        names = {i: dataset.ids[i] for i in selected}
+        shapes = {i: tuple(dataset.shapes[i]) for i in selected}
+    else:
+        selected = [i for i, (name, _) in enumerate(named) if ids is None or name in set(ids)][:limit]
+        names = {i: named[i][0] for i in selected}
+        shapes = {i: tuple(named[i][1].shape) for i in selected}
+
+    def latent(position: int) -> torch.Tensor:
+        """A normalised latent (C, h, w) as the decoding codec expects it."""
+        if dataset is None:
+            return named[position][1]
+        scale, shift = factors
+        # Stored latents are normalised with the encoder's factors; the codec undoes its own VAE's.
+        return (dataset[position]["latent"] / scale + shift - codec.shift_factor) * codec.scaling_factor
+
+    # Batches of one shape, in the order the latents were listed within each shape.
+    by_shape: dict[tuple, list[int]] = {}
+    for position in selected:
+        by_shape.setdefault(shapes[position], []).append(position)
+    chunks = [members[i:i + batch_size] for members in by_shape.values() for i in range(0, len(members), batch_size)]
+    written: list[Path] = []
+    taken: set[Path] = set()
+    with tqdm(total=len(selected), unit="img", desc="decoding", disable=not progress) as bar:
+        for chunk in chunks:
+            images = codec.decode(torch.stack([latent(position) for position in chunk]), output="pil")
+            for position, image in zip(chunk, images, strict=True):
+                path = image_path(folder, names[position], suffix, taken)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path, pil_format, **save_options(pil_format, quality))
+                written.append(path)
+            bar.update(len(chunk))
+    return written
