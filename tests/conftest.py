@@ -22,6 +22,7 @@ def _offline(monkeypatch):
     """Tests never reach a hub; pretrained backbones come from the shared folder when it exists."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("VAEGAN_OFFLINE", "1")  # torchvision weights from its cache only, never downloaded
     if "VAEGAN_WEIGHTS_DIR" not in os.environ and (SHARED_ASSETS / "lpips").is_dir():
         monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(SHARED_ASSETS / "lpips"))
     torch.manual_seed(0)

@@ -269,6 +269,11 @@ def test_missing_weights_raise_and_name_the_file(no_weights_anywhere):
         PerceptualLoss("alex", weights="/nonexistent/nothing.safetensors")
 
 
+def test_offline_mode_never_downloads(no_weights_anywhere):
+    with pytest.raises(RuntimeError, match=r"alexnet-owt.*\.pth is not cached and \$VAEGAN_OFFLINE forbids"):
+        PerceptualLoss("alex")
+
+
 def test_random_backbone_only_on_request(no_weights_anywhere, alex, examples):
     with pytest.warns(UserWarning, match="RANDOM backbone"):
         random_alex = PerceptualLoss("alex", allow_random_backbone=True)

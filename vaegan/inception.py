@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from vaegan.perceptual import WEIGHTS_DIR_VARIABLE
+from vaegan.perceptual import WEIGHTS_DIR_VARIABLE, torchvision_pretrained
 
 InceptionVariant = Literal["auto", "pytorch-fid", "torchvision"]
 INCEPTION_FILE = "inception_v3_features.safetensors"
@@ -170,7 +170,7 @@ def find_inception_weights(weights: str | os.PathLike | None) -> tuple[dict[str,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            model = torchvision.models.inception_v3(weights="DEFAULT")
+            model = torchvision_pretrained("inception_v3")
     except Exception as error:  # offline: URLError, OSError, ... depending on where it fails
         tried.append(f"torchvision could not load its inception_v3 weights ({type(error).__name__})")
         raise MissingInceptionWeights(f"{missing_inception_hint()}; tried: {'; '.join(tried)}") from None

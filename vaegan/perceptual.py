@@ -31,6 +31,8 @@ PerceptualNet = Literal["vgg", "alex", "squeeze"]
 # The torchvision model whose `features` each LPIPS variant uses.
 TORCHVISION_MODELS: dict[str, str] = {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}
 WEIGHTS_DIR_VARIABLE = "VAEGAN_WEIGHTS_DIR"
+# Set (to anything but "" or "0") to forbid downloads: torchvision's weights are then taken from its cache only.
+OFFLINE_VARIABLE = "VAEGAN_OFFLINE"
 
 
 def backbone_file_name(net: PerceptualNet) -> str:
@@ -152,11 +154,21 @@ def find_backbone(
 
     model_name = TORCHVISION_MODELS[net]
     try:
-        model = getattr(torchvision.models, model_name)(weights="DEFAULT")
+        model = torchvision_pretrained(model_name)
     except Exception as error:  # offline: URLError, OSError, RuntimeError, ... depending on where it fails
         tried.append(f"torchvision could not load its {model_name} weights ({type(error).__name__}: {error})")
         return None, "; ".join(tried)
     return model.features.state_dict(), f"torchvision {model_name} weights (DEFAULT)"
+
+
+def torchvision_pretrained(model_name: str, **kwargs) -> nn.Module:
+    """torchvision's model with its DEFAULT ImageNet weights: from its cache, else downloaded, unless
+    $VAEGAN_OFFLINE forbids downloads (tests and CI set it, so a reachable server cannot make them download)."""
+    weights = torchvision.models.get_model_weights(model_name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if os.environ.get(OFFLINE_VARIABLE, "") not in ("", "0") and not cached.is_file():
+        raise FileNotFoundError(f"{cached} is not cached and ${OFFLINE_VARIABLE} forbids downloading it")
+    return getattr(torchvision.models, model_name)(weights=weights, **kwargs)
 
 
 def missing_weights_message(net: PerceptualNet, tried: str) -> str:
