@@ -31,10 +31,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):
     """Our VAE and diffusers' AutoencoderKL holding the same random weights."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-
     torch.manual_seed(0)
     ours = AutoencoderKL(preset(arch))
+    theirs = diffusers_twin(ours).to(device=device, dtype=dtype)
+    if diffusers_channels_last:
+        theirs.to(memory_format=torch.channels_last)
+    return ours, theirs
+
+
+def diffusers_twin(ours: AutoencoderKL):
+    """diffusers' AutoencoderKL with our VAE's architecture and weights, frozen, in eval mode."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
     levels = len(ours.config.block_out_channels)
     theirs = DiffusersAutoencoderKL(
         **ours.config.to_dict(),
@@ -42,10 +50,7 @@ def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_
         up_block_types=["UpDecoderBlock2D"] * levels,
     )
     theirs.load_state_dict(ours.state_dict())
-    theirs = theirs.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if diffusers_channels_last:
-        theirs.to(memory_format=torch.channels_last)
-    return ours, theirs
+    return theirs.eval().requires_grad_(False)
 
 
 def make_codec(ours: AutoencoderKL, args, tiled: bool) -> Codec:
@@ -56,22 +61,22 @@ def make_codec(ours: AutoencoderKL, args, tiled: bool) -> Codec:
     )
 
 
-def diffusers_tiling(theirs, args, tiled: bool):
-    """Switch diffusers' tiling on with the same tile size and overlap as ours (or off)."""
-    if not tiled:
+def diffusers_tiling(theirs, tile_size: int | None, overlap: int = 0):
+    """Switch diffusers' tiling on with the same tile size and overlap as ours (None: off)."""
+    if tile_size is None:
         theirs.disable_tiling()
         return
     theirs.enable_tiling()
     factor = 2 ** (len(theirs.config.block_out_channels) - 1)
-    theirs.tile_sample_min_size = args.tile_size
-    theirs.tile_latent_min_size = args.tile_size // factor
-    theirs.tile_overlap_factor = args.tile_overlap / args.tile_size
+    theirs.tile_sample_min_size = tile_size
+    theirs.tile_latent_min_size = tile_size // factor
+    theirs.tile_overlap_factor = overlap / tile_size
 
 
 def runners(ours: AutoencoderKL, theirs, args, tiled: bool):
     """{(implementation, op): fn(input) -> output}; both take/return the same normalised tensors."""
     codec = make_codec(ours, args, tiled)
-    diffusers_tiling(theirs, args, tiled)
+    diffusers_tiling(theirs, args.tile_size if tiled else None, args.tile_overlap)
     scale, shift = ours.config.scaling_factor, ours.config.shift_factor or 0.0
     dtype = DTYPES[args.dtype]
 
@@ -185,7 +190,8 @@ def peak_memory(args, impl: str, op: str, size: int, tiled: bool) -> dict:
 # ---- seams on a real photo ----
 
 def seam_errors(args) -> list[dict]:
-    """Tiled vs untiled encode and decode of skimage's astronaut (512^2), for each overlap in --overlaps.
+    """Tiled vs untiled encode and decode of skimage's astronaut (512^2), for each overlap in --overlaps, and
+    diffusers' tiled vs untiled decode with the same weights, tile size and overlap.
 
     Seams are only meaningful for a trained VAE (--model): with random weights the error mostly measures how
     much each tile's GroupNorm statistics differ from the whole image's.
@@ -194,17 +200,30 @@ def seam_errors(args) -> list[dict]:
 
     torch.manual_seed(0)
     vae = load(args.model) if args.model else AutoencoderKL(preset(args.arch))
+    # diffusers' own tiling of the same weights, against its own untiled decode: the side-by-side reference.
+    theirs = diffusers_twin(vae).to(args.device, DTYPES[args.dtype])
     photo = torch.from_numpy(astronaut()).permute(2, 0, 1)[None]                 # (1, 3, 512, 512) uint8
     untiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], auto_tile_pixels=None)
     latents = untiled.encode(photo)
     reference = untiled.decode(latents)
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+
+    @torch.inference_mode()
+    def diffusers_decode(z: torch.Tensor) -> torch.Tensor:
+        raw = (z / scale + shift).to(args.device, DTYPES[args.dtype])
+        return theirs.decode(raw).sample.float().clamp(-1, 1).cpu()
+
+    theirs.disable_tiling()
+    diffusers_reference = diffusers_decode(latents)
     rows = []
     for overlap in args.overlaps:
         tiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
                       tile_size=args.seam_tile_size, tile_overlap=overlap)
-        for op, result, target in (
-            ("encode", tiled.encode(photo), latents),
-            ("decode", tiled.decode(latents), reference),
+        diffusers_tiling(theirs, args.seam_tile_size, overlap)
+        for impl, op, result, target in (
+            ("vaegan", "encode", tiled.encode(photo), latents),
+            ("vaegan", "decode", tiled.decode(latents), reference),
+            ("diffusers", "decode", diffusers_decode(latents), diffusers_reference),
         ):
             error = (result - target).abs()
             # PSNR of the difference on the images' [-1, 1] range (peak-to-peak 2), as for uint8 images;
@@ -212,11 +231,11 @@ def seam_errors(args) -> list[dict]:
             peak = 2.0 if op == "decode" else (target.max() - target.min()).item()
             mse = error.pow(2).mean().item()
             rows.append(dict(
-                op=op, tile_size=args.seam_tile_size, overlap=overlap, max_abs=error.max().item(),
+                impl=impl, op=op, tile_size=args.seam_tile_size, overlap=overlap, max_abs=error.max().item(),
                 mean_abs=error.mean().item(), psnr_db=10 * math.log10(peak**2 / mse) if mse else math.inf,
             ))
             row = rows[-1]
-            print(f"seams {op:6s} tile {row['tile_size']} overlap {overlap:4d}: max {row['max_abs']:.4f}"
+            print(f"seams {impl:9s} {op:6s} tile {row['tile_size']} overlap {overlap:4d}: max {row['max_abs']:.4f}"
                   f"  mean {row['mean_abs']:.4f}  PSNR {row['psnr_db']:.2f} dB", flush=True)
     return rows
 
