@@ -109,3 +109,40 @@ def test_decoding_with_another_vae_warns(encoded, tmp_path):
                                  progress=False)
     assert [p.relative_to(tmp_path / "decoded").as_posix() for p in written] == ["part0/photo00.png"]
     assert math.isfinite(np.asarray(Image.open(written[0])).mean())
+
+
+def lru_misses(batches: list[list[int]], groups: np.ndarray, capacity: int) -> int:
+    """Row-group decodes of a reader that keeps the last `capacity` groups, as `LatentDataset` does."""
+    cache: list[int] = []
+    misses = 0
+    for item in (item for batch in batches for item in batch):
+        group = int(groups[item])
+        if group in cache:
+            cache.remove(group)
+        else:
+            misses += 1
+            cache = cache[-(capacity - 1):]
+        cache.append(group)
+    return misses
+
+
+def test_windowed_shuffle_covers_every_item_once_and_decodes_each_group_about_once():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 64)                                  # 40 row groups of 64 items
+    shapes = np.where(rng.random(len(groups)) < 0.7, 32, 24)[:, None].repeat(3, axis=1)   # two buckets
+    windowed = BucketBatchSampler(shapes, 32, seed=1, groups=groups, shuffle_window=8)
+    full = BucketBatchSampler(shapes, 32, seed=1, groups=groups, shuffle_window=None)
+    epochs = []
+    for epoch in range(2):
+        windowed.set_epoch(epoch)
+        batches = list(windowed)
+        epochs.append(batches)
+        items = [item for batch in batches for item in batch]
+        assert sorted(items) == list(range(len(groups))) and len(batches) == len(windowed)
+        assert all(len({tuple(shapes[i]) for i in batch}) == 1 for batch in batches)
+        # A window's batches mix its 8 groups (a bucket's remainder from the window before aside)...
+        assert np.mean([len({int(groups[i]) for i in batch}) for batch in batches]) > 5
+        # ...and each group is decoded about once, against once per item for a full shuffle.
+        assert lru_misses(batches, groups, capacity=16) < 60  # 40 groups
+    assert lru_misses(list(full), groups, capacity=16) > 1000
+    assert epochs[0] != epochs[1]

@@ -10,9 +10,10 @@ conditioning the shards keep: the source image size and the crop box. Every batc
 latent shape (bucket), as a trainer stacking tensors needs.
 
 Reading: the shards stay on disk; an item is read by decoding its Parquet row group (`vaegan.shards`
-writes groups of 64 rows), and each process keeps the last few groups decoded. That suits any access order but
-costs a group decode per item under a full shuffle: pass `in_memory=True` to decode everything once up front
-(about the size of the shard files) when it fits.
+writes groups of 64 rows), and each process keeps the last `CACHED_ROW_GROUPS` groups decoded. A fully random
+order would decode a group per item, so `batch_sampler` shuffles window by window of row groups (see
+`BucketBatchSampler`); pass `in_memory=True` to decode everything once up front (about the size of the shard
+files) when it fits, and `shuffle_window=None` for a fully random order.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ from vaegan.shards import (
 
 # Small per-row columns, read for every row when the dataset opens.
 INDEX_COLUMNS = ["id", "index", "latent_shape", "source_height", "source_width", "crop_box"]
-# Decoded row groups each process keeps (the working set of a sequential or bucket-local read).
-CACHED_ROW_GROUPS = 8
+# Row groups a shuffle window mixes (8 groups of 64 rows: batches drawn from 512 items at a time).
+DEFAULT_SHUFFLE_WINDOW = 8
+# Decoded row groups each process keeps: two windows, because a bucket's remainder from the previous window is
+# read in the current one; then each group is decoded about once per epoch.
+CACHED_ROW_GROUPS = 2 * DEFAULT_SHUFFLE_WINDOW
 
 
 class LatentDataset(Dataset):
@@ -161,8 +165,17 @@ class LatentDataset(Dataset):
                 enumerate(keys)}
 
     def batch_sampler(self, batch_size: int, **options: Any) -> BucketBatchSampler:
-        """Batches of one latent shape each; `options` as for `BucketBatchSampler`."""
-        return BucketBatchSampler(self.shapes, batch_size, **options)
+        """Batches of one latent shape each; `options` as for `BucketBatchSampler`. Shuffling goes window by
+        window of row groups (`shuffle_window`), so that a row group is decoded once per window, not per item."""
+        window = options.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW)
+        if window is not None:
+            self._cache_size = max(self._cache_size, 2 * window)  # see CACHED_ROW_GROUPS
+        return BucketBatchSampler(self.shapes, batch_size, groups=self.row_groups(), **options)
+
+    def row_groups(self) -> np.ndarray:
+        """(N,) the Parquet row group each item is stored in, numbered across files."""
+        _, group = np.unique(self.locations[:, :2], axis=0, return_inverse=True)
+        return group.reshape(-1)
 
 
 def _fixed(table: Any, column: str, size: int) -> np.ndarray:
@@ -173,16 +186,25 @@ def _fixed(table: Any, column: str, size: int) -> np.ndarray:
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of indices that share a latent shape, for `DataLoader(batch_sampler=...)`.
 
-    With `shuffle`, each epoch permutes the items of every bucket and then the order of all batches, seeded by
-    (seed, epoch): call `set_epoch` each epoch, as with `DistributedSampler`. Under data parallelism every rank
-    gets every `world_size`-th batch of the same global order; the batch count is cut to a multiple of
-    `world_size` so that all ranks take the same number of steps. rank and world_size default to
-    torch.distributed's when it is initialised.
+    With `shuffle`, each epoch is a new random order seeded by (seed, epoch): call `set_epoch` each epoch, as with
+    `DistributedSampler`.
+    - Without `groups` (or with `shuffle_window=None`): the items of every bucket are permuted, cut into
+      batches, and the order of all batches is permuted. A fully random order.
+    - With `groups`, the storage unit of each item (a Parquet row group, which must be decoded whole): the
+      groups are permuted and taken `shuffle_window` at a time; the items of a window are permuted per bucket
+      and cut into batches (a bucket's remainder joins the next window), and the window's batches are permuted.
+      A batch then mixes items of `shuffle_window` random groups, and each process decodes a group once per
+      window instead of once per item: the shuffle buffer of streaming loaders, at the cost of batches drawn
+      from a window rather than from the whole set.
+    Under data parallelism every rank gets every `world_size`-th batch of the same global order; the batch count
+    is cut to a multiple of `world_size` so that all ranks take the same number of steps. rank and world_size
+    default to torch.distributed's when it is initialised.
     """
 
     def __init__(
         self, shapes: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-        rank: int | None = None, world_size: int | None = None,
+        rank: int | None = None, world_size: int | None = None, groups: np.ndarray | None = None,
+        shuffle_window: int | None = DEFAULT_SHUFFLE_WINDOW,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -194,6 +216,9 @@ class BucketBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.shapes, self.batch_size, self.shuffle, self.seed = shapes, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        if shuffle_window is not None and shuffle_window < 1:
+            raise ValueError(f"shuffle_window={shuffle_window} must be at least 1 (or None for a full shuffle)")
+        self.groups, self.shuffle_window = groups, shuffle_window
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -207,18 +232,43 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = np.random.default_rng([self.seed, self.epoch])
-        batches = []
-        for members in self._buckets():
+        if self.shuffle and self.groups is not None and self.shuffle_window is not None:
+            batches = self._windowed_batches(generator)
+        else:
+            batches = []
+            for members in self._buckets():
+                if self.shuffle:
+                    members = generator.permutation(members)
+                batches += self._cut(members)
             if self.shuffle:
-                members = generator.permutation(members)
-            for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch.tolist())
-        if self.shuffle:
-            batches = [batches[i] for i in generator.permutation(len(batches))]
+                batches = [batches[i] for i in generator.permutation(len(batches))]
         usable = len(batches) // self.world_size * self.world_size
         return iter(batches[:usable][self.rank::self.world_size])
+
+    def _cut(self, members: np.ndarray) -> list[list[int]]:
+        """Consecutive batches of `members`, the last one partial unless `drop_last`."""
+        batches = [members[start:start + self.batch_size].tolist() for start in range(0, len(members), self.batch_size)]
+        return batches if not (self.drop_last and batches and len(batches[-1]) < self.batch_size) else batches[:-1]
+
+    def _windowed_batches(self, generator: np.random.Generator) -> list[list[int]]:
+        """See the class doc: groups in random order, `shuffle_window` at a time, remainders carried forward."""
+        _, bucket_of = np.unique(self.shapes, axis=0, return_inverse=True)
+        bucket_of = bucket_of.reshape(-1)
+        group_order = generator.permutation(np.unique(self.groups))
+        by_group = {group: np.flatnonzero(self.groups == group) for group in group_order.tolist()}
+        carried = {bucket: np.empty(0, dtype=np.int64) for bucket in np.unique(bucket_of).tolist()}
+        batches = []
+        for start in range(0, len(group_order), self.shuffle_window):
+            window = np.concatenate([by_group[g] for g in group_order[start:start + self.shuffle_window].tolist()])
+            window_batches = []
+            for bucket in carried:
+                members = generator.permutation(np.concatenate([carried[bucket], window[bucket_of[window] == bucket]]))
+                whole = len(members) // self.batch_size * self.batch_size
+                window_batches += [members[i:i + self.batch_size].tolist() for i in range(0, whole, self.batch_size)]
+                carried[bucket] = members[whole:]
+            batches += [window_batches[i] for i in generator.permutation(len(window_batches))]
+        remainders = [members.tolist() for members in carried.values() if len(members) and not self.drop_last]
+        return batches + [remainders[i] for i in generator.permutation(len(remainders))]
 
     def __len__(self) -> int:
         rounding = math.floor if self.drop_last else math.ceil
