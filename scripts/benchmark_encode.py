@@ -28,10 +28,10 @@ import torch
 
 import vaegan
 from vaegan.codec import resolve_dtype
-from vaegan.data import list_image_files
 from vaegan.encoding import default_num_workers, encode_dataset
 from vaegan.images import load_image, resize_center_crop, to_tensor
 from vaegan.latents import LatentDataset
+from vaegan.readers import list_image_files
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "bsds500" / "train"
 

@@ -28,10 +28,10 @@ import torch
 import torchvision.transforms.functional as TF
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from vaegan.data import list_image_files
 from vaegan.images import load_image, resize_center_crop, to_tensor
 from vaegan.metrics import ms_ssim, psnr, ssim, to_uint8
 from vaegan.perceptual import PerceptualLoss, backbone_file_name, load_backbone
+from vaegan.readers import list_image_files
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "assets" / "kodak"
 

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from vaegan.data import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS, ImageDataModule
+from vaegan.data import ImageDataModule
 from vaegan.images import ImageError, load_image, random_crop, resize_center_crop, to_tensor
+from vaegan.readers import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS
 
 RESOLUTION = 64  # small crops keep every test well under a second of decoding
 BAD_FILES = {"zero.png", "notes.jpg", "tiny.png", "truncated.jpg"}

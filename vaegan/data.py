@@ -1,4 +1,4 @@
-"""Image sources (a folder, a Hugging Face `datasets` source, the bundled demo photos) and the data module.
+"""The training data module: datasets of crops over the image readers of `vaegan.readers`.
 
 Bad files never stop a run. A folder is pre-scanned at setup (file headers only, cheap): zero-byte,
 non-image and tiny files are dropped there. What only fails on a full decode (a truncated JPEG, a corrupt row
@@ -9,45 +9,33 @@ module, which warns once per file (rank zero) and keeps them in `ImageDataModule
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from vaegan.images import (
-    IMAGE_EXTENSIONS,
-    ImageError,
-    is_tiny,
-    load_image,
-    random_crop,
-    resize_center_crop,
-    to_tensor,
+from vaegan.images import ImageError, is_tiny, load_image
+from vaegan.readers import (
+    DEMO_CROPS_PER_PHOTO,
+    DEMO_TRAIN_PHOTOS,
+    DEMO_VAL_PHOTOS,
+    EvalCrop,
+    ImageReader,
+    Skip,
+    TrainCrop,
+    image_column_only,
+    is_image_folder,
+    load_demo_photos,
+    load_hub_source,
+    open_reader,
+    row_name,
+    subset,
+    tiny_error,
 )
-
-# `prefix:PATH` sources go to the `datasets` builder of that name: PATH a directory (data_dir) or files/globs.
-BUILDER_PREFIXES = ("imagefolder", "webdataset", "parquet", "arrow")
-
-# The demo set: real photos bundled with scikit-image (public domain / CC0), no network needed. Two photos are
-# held out whole for validation, so validation never sees a crop of a training photo.
-DEMO_TRAIN_PHOTOS = (
-    "astronaut",
-    "rocket",
-    "hubble_deep_field",
-    "motorcycle",
-    "retina",
-    "immunohistochemistry",
-    "camera",
-)
-DEMO_VAL_PHOTOS = ("chelsea", "coffee")
-# Seven photos make a seven-sample epoch; each photo yields this many random crops per epoch instead.
-DEMO_CROPS_PER_PHOTO = 32
 
 # A stream has no length, so a fraction cannot be held out of it: this many leading examples are, by default.
 STREAMING_HOLDOUT = 1000
@@ -55,116 +43,6 @@ STREAMING_HOLDOUT = 1000
 STREAMING_SHUFFLE_BUFFER = 1000
 # How many following indices a map-style dataset tries before concluding the source is all bad.
 MAX_FALLBACKS = 100
-
-Skip = tuple[str, str]  # (file or row name, reason)
-
-
-class ImageReader(Protocol):
-    """Random access to the images of one source."""
-
-    def __len__(self) -> int: ...
-    def read(self, index: int) -> Image.Image: ...  # RGB; raises ImageError
-    def name(self, index: int) -> str: ...
-
-
-class FolderImages:
-    """Image files on disk (already scanned)."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def read(self, index: int) -> Image.Image:
-        return load_image(self.paths[index])
-
-    def name(self, index: int) -> str:
-        return str(self.paths[index])
-
-
-class ArrayImages:
-    """Images held in memory as uint8 arrays (the demo photos)."""
-
-    def __init__(self, names: list[str], arrays: list[np.ndarray]):
-        self.names, self.arrays = names, arrays
-
-    def __len__(self) -> int:
-        return len(self.arrays)
-
-    def read(self, index: int) -> Image.Image:
-        return load_image(Image.fromarray(self.arrays[index]), name=self.names[index])
-
-    def name(self, index: int) -> str:
-        return self.names[index]
-
-
-class HubImages:
-    """One image column of a map-style `datasets.Dataset`, decoded by `load_image` rather than `datasets`."""
-
-    def __init__(self, dataset: Any, column: str, label: str):
-        self.dataset, self.column, self.label = dataset, column, label
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def read(self, index: int) -> Image.Image:
-        value = self.dataset[index][self.column]
-        return load_image(value, name=_row_name(value, f"{self.label}[{index}]"))
-
-    def name(self, index: int) -> str:
-        return _row_name(self.dataset[index][self.column], f"{self.label}[{index}]")
-
-
-class _Subset:
-    """Some indices of an `ImageReader`, itself an `ImageReader`."""
-
-    def __init__(self, reader: ImageReader, indices: list[int]):
-        self.reader, self.indices = reader, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def read(self, index: int) -> Image.Image:
-        return self.reader.read(self.indices[index])
-
-    def name(self, index: int) -> str:
-        return self.reader.name(self.indices[index])
-
-
-def _subset(reader: ImageReader, indices: Any) -> _Subset:
-    return _Subset(reader, list(indices))
-
-
-class TrainCrop:
-    """Random native-resolution crop (upscaled when the image is smaller) and optional flip, as a tensor."""
-
-    def __init__(self, resolution: int, flip: bool):
-        self.resolution, self.flip = resolution, flip
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        crop, _, _ = random_crop(image, self.resolution, flip=self.flip)
-        return to_tensor(crop)  # (3, R, R) in [-1, 1]
-
-
-class EvalCrop:
-    """The deterministic evaluation protocol: shorter side resized to the resolution, centre crop."""
-
-    def __init__(self, resolution: int):
-        self.resolution = resolution
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        crop, _ = resize_center_crop(image, self.resolution)
-        return to_tensor(crop)  # (3, R, R) in [-1, 1]
-
-
-def tiny_error(name: str, size: tuple[int, int], min_size: int) -> ImageError:
-    return ImageError(f"{name}: tiny ({size[0]}x{size[1]}, shorter side below min_size={min_size})")
-
-
-def _row_name(value: Any, fallback: str) -> str:
-    """A `datasets` row's file path when it has one (imagefolder rows do), else `source[index]`."""
-    return str(value["path"]) if isinstance(value, dict) and value.get("path") else fallback
 
 
 class ImageDataset(Dataset):
@@ -243,7 +121,7 @@ class StreamingImageDataset(IterableDataset):
         skipped: list[Skip] = []
         pending: dict[str, Any] | None = None
         for index, row in enumerate(self.dataset):
-            name = _row_name(row[self.column], f"{self.label}[{index}]")
+            name = row_name(row[self.column], f"{self.label}[{index}]")
             try:
                 image = load_image(row[self.column], name=name)
                 if is_tiny(image.size, self.min_size):
@@ -266,105 +144,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([item["image"] for item in items]),
         "skipped": [skip for item in items for skip in item["skipped"]],
     }
-
-
-def list_image_files(root: Path) -> list[Path]:
-    """Files with an image extension under `root`, recursively, in a stable (sorted) order."""
-    found = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories.sort()
-        found += [Path(directory) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return found
-
-
-def scan_image_files(paths: list[Path], min_size: int) -> tuple[list[Path], list[Skip]]:
-    """Read only each file's header: keep the ones that open with a large enough size, report the rest."""
-    good: list[Path] = []
-    skipped: list[Skip] = []
-    for path in paths:
-        try:
-            if path.stat().st_size == 0:
-                raise ImageError(f"{path}: zero-byte file")
-            with Image.open(path) as image:  # lazy: reads the header, not the pixels
-                size = image.size
-            if is_tiny(size, min_size):
-                raise tiny_error(str(path), size, min_size)
-            good.append(path)
-        except ImageError as error:
-            skipped.append((str(path), str(error)))
-        except Exception as error:  # UnidentifiedImageError, permission errors...: the file is unusable
-            skipped.append((str(path), f"{path}: cannot open ({type(error).__name__}: {error})"))
-    return good, skipped
-
-
-def is_image_folder(spec: str) -> bool:
-    """A directory holding image files, and not a dataset saved with `save_to_disk`."""
-    path = Path(spec)
-    if not path.is_dir() or _is_saved_dataset(path):
-        return False
-    return any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(path) for f in files)
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-
-
-def load_hub_source(spec: str, split: str, streaming: bool) -> Any:
-    """Open a `datasets` source: `prefix:PATH`, a `save_to_disk` folder, a local dataset or a hub name."""
-    import datasets  # imported here: a folder or the demo set should not pay for importing `datasets`
-
-    prefix, _, rest = spec.partition(":")
-    if prefix in BUILDER_PREFIXES and rest:
-        location = {"data_dir": rest} if Path(rest).is_dir() else {"data_files": rest}
-        return datasets.load_dataset(prefix, split=split, streaming=streaming, **location)
-    if Path(spec).is_dir() and _is_saved_dataset(Path(spec)):
-        loaded = datasets.load_from_disk(spec)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{spec} has splits {list(loaded)}, not split={split!r}")
-            loaded = loaded[split]
-        # Several shards so DataLoader workers can split the stream between them.
-        return loaded.to_iterable_dataset(num_shards=min(len(loaded), 16)) if streaming else loaded
-    if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
-        raise ValueError(f"{spec}: no such file or directory (a hub name looks like owner/name)")
-    return datasets.load_dataset(spec, split=split, streaming=streaming)
-
-
-def image_column_only(dataset: Any, column: str, spec: str, keep: tuple[str, ...] = ()) -> Any:
-    """Keep just the image column, undecoded (`load_image` decodes it so a bad row is skipped, not fatal), and
-    the `keep` columns, which the caller has checked."""
-    import datasets
-
-    names = dataset.column_names
-    if names is not None and column not in names:
-        raise ValueError(f"{spec} has no column {column!r}; its columns are {names}: set image_column")
-    dataset = dataset.select_columns([column, *keep])
-    if isinstance((dataset.features or {}).get(column), datasets.Image):
-        dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    return dataset
-
-
-def open_reader(spec: str, split: str, image_column: str, min_size: int) -> tuple[ImageReader, list[Skip]]:
-    """Random access to an image folder or a map-style `datasets` source, and the files skipped on the scan."""
-    if is_image_folder(spec):
-        good, skipped = scan_image_files(list_image_files(Path(spec)), min_size)
-        if not good:
-            raise ValueError(f"{spec}: no usable images ({len(skipped)} skipped)")
-        return FolderImages(good), skipped
-    dataset = image_column_only(load_hub_source(spec, split, False), image_column, spec)
-    return HubImages(dataset, image_column, spec), []
-
-
-def load_demo_photos(names: tuple[str, ...]) -> ArrayImages:
-    """The named scikit-image photos as RGB arrays (grayscale ones are expanded)."""
-    import skimage.data
-
-    arrays = []
-    for name in names:
-        # The motorcycle comes as a stereo pair; its left view is an ordinary photo.
-        array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-        arrays.append(np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array)
-    return ArrayImages([f"skimage.data.{name}" for name in names], arrays)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -491,7 +270,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.val_source is not None or self.val_split is not None:
             spec = self.val_source or self.source
             val = self._reader(spec, self.val_split or self.split)
-            val = _subset(val, range(min(len(val), self.val_count or len(val))))
+            val = subset(val, range(min(len(val), self.val_count or len(val))))
         else:
             # A seeded permutation, not the first files: folders are often sorted by class or by date.
             held_out = self.val_count or max(1, round(self.val_holdout * len(train)))
@@ -501,7 +280,7 @@ class ImageDataModule(L.LightningDataModule):
                     "to train on; lower val_count / val_holdout or give val_source"
                 )
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            train, val = _subset(train, sorted(order[held_out:])), _subset(train, sorted(order[:held_out]))
+            train, val = subset(train, sorted(order[held_out:])), subset(train, sorted(order[:held_out]))
         self.train_dataset = ImageDataset(train, train_crop, self.min_size)
         self.val_dataset = ImageDataset(val, val_crop, self.min_size)
 

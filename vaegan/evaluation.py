@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vaegan.codec import Codec, resolve_dtype
-from vaegan.data import BUILDER_PREFIXES, EvalCrop, ImageReader, Skip, open_reader
 from vaegan.formats import load
 from vaegan.images import ImageError
 from vaegan.inception import InceptionFeatures, MissingInceptionWeights
@@ -42,6 +41,7 @@ from vaegan.metrics import (
     to_uint8,
 )
 from vaegan.perceptual import PerceptualLoss
+from vaegan.readers import BUILDER_PREFIXES, EvalCrop, ImageReader, Skip, open_reader
 
 # rFID from fewer images than feature dimensions (2048) has a rank-deficient covariance and a large positive
 # bias; the number is still reported (papers use 50,000 ImageNet images), with this warning beside it.

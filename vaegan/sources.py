@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vaegan.buckets import ResolutionPolicy
-from vaegan.data import image_column_only, is_image_folder, list_image_files, load_hub_source, tiny_error
 from vaegan.images import ImageError, is_tiny, load_image
+from vaegan.readers import image_column_only, is_image_folder, list_image_files, load_hub_source, tiny_error
 
 
 class FolderSource:
@@ -116,7 +116,7 @@ def open_source(
     input: str, shard_size: int, split: str = "train", image_column: str = "image", id_column: str | None = None,
     streaming: bool = False,
 ) -> Source:
-    """`input` as a source: a folder holding images, or anything `vaegan.data.load_hub_source` opens (a local
+    """`input` as a source: a folder holding images, or anything `vaegan.readers.load_hub_source` opens (a local
     dataset folder, `imagefolder:PATH`, `webdataset:PATH`, `parquet:PATH`, a `save_to_disk` folder, a hub name)."""
     if is_image_folder(input):
         if streaming:
