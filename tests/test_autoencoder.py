@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vaegan import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
+from vaegan.autoencoder import Upsample2D
 
 
 def test_sd_preset_has_the_released_parameter_count():
@@ -29,6 +31,28 @@ def test_shapes(name):
     f = config.downsampling_factor
     assert posterior.mean.shape == (2, config.latent_channels, 48 // f, 64 // f)
     assert vae.decode(posterior.mode()).shape == x.shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_upsample_equals_interpolate_then_conv_with_the_same_gradients(channels_last):
+    # Upsample2D never builds the doubled image; it must give what diffusers computes, forward and backward.
+    torch.manual_seed(0)
+    upsample = Upsample2D(6)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ours = upsample(x)
+    theirs = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert ours.shape == (2, 6, 10, 14)
+    assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    upstream = torch.randn_like(ours)
+    params = [x, upsample.conv.weight, upsample.conv.bias]
+    ours_grads = torch.autograd.grad(ours, params, upstream)
+    theirs_grads = torch.autograd.grad(theirs, params, upstream)
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_posterior_clamps_logvar_and_computes_kl_per_image():
