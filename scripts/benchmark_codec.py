@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ def diffusers_twin(ours: AutoencoderKL):
 
 def make_codec(ours: AutoencoderKL, args, tiled: bool) -> Codec:
     return Codec(
-        ours, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
+        ours, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.tile_batch if tiled else args.batch_size,
         tile_size=args.tile_size if tiled else None, tile_overlap=args.tile_overlap,
         auto_tile_pixels=None, compile=args.compile, channels_last=args.channels_last,
     )
@@ -138,10 +137,17 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
 
 # ---- peak memory in a fresh process ----
 
-def current_rss() -> int:
-    """Resident set size of this process in bytes (Linux)."""
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * resource.getpagesize()
+def resident_memory(field: str = "VmRSS") -> int:
+    """This process's resident set size (VmRSS) or its high-water mark (VmHWM) in bytes, from /proc (Linux).
+
+    Not `getrusage`'s ru_maxrss: a process started by fork+exec inherits its parent's peak there, so a child
+    of a parent that holds two 1024^2 runs would report the parent's peak instead of its own.
+    """
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child_peak_memory(args) -> dict:
@@ -159,10 +165,10 @@ def child_peak_memory(args) -> dict:
         baseline = torch.cuda.memory_allocated()
     else:
         # Building the models (state-dict copies, imports) peaks above what they hold afterwards: reset the
-        # peak to the current RSS (Linux: clear_refs 5), so that ru_maxrss afterwards is the op's own peak.
+        # high-water mark to the current RSS (Linux: clear_refs 5), so that afterwards it is the op's own peak.
         with open("/proc/self/clear_refs", "w") as file:
             file.write("5")
-        baseline = current_rss()
+        baseline = resident_memory()
     start = time.perf_counter()
     fn(x)
     synchronize(args.device)
@@ -170,7 +176,7 @@ def child_peak_memory(args) -> dict:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+        peak = resident_memory("VmHWM")
     return dict(impl=impl, op=op, size=size, tiled=tiled, peak_mib=(peak - baseline) / 2**20, seconds=seconds)
 
 
@@ -180,7 +186,7 @@ def peak_memory(args, impl: str, op: str, size: int, tiled: bool) -> dict:
         sys.executable, __file__, "--child", f"{impl}:{op}:{size}:{'tiled' if tiled else 'untiled'}",
         "--arch", args.arch, "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
         "--batch-size", str(args.batch_size), "--tile-size", str(args.tile_size),
-        "--tile-overlap", str(args.tile_overlap),
+        "--tile-overlap", str(args.tile_overlap), "--tile-batch", str(args.tile_batch),
     ] + (["--channels-last"] if args.channels_last else ["--no-channels-last"])
     command += ["--diffusers-channels-last"] if args.diffusers_channels_last else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -266,6 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
     parser.add_argument("--tile-size", type=int, default=512, help="tile side in pixels for tiled rows")
     parser.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels for tiled rows")
+    parser.add_argument("--tile-batch", type=int, default=1,
+                        help="tiles per forward pass in tiled rows (diffusers decodes one at a time)")
     parser.add_argument("--tiled", choices=["both", "yes", "no"], default="both",
                         help="time untiled, tiled (sizes above --tile-size only) or both")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
