@@ -114,6 +114,10 @@ def test_resumed_run_matches_an_uninterrupted_one(assets, tmp_path):
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
+    # The frozen LPIPS network is not stored: it is rebuilt from its weights file.
+    checkpoint = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not [key for key in checkpoint["state_dict"] if key.startswith("perceptual.")]
+
     # The checkpoint is also a VAE that `vaegan.load` reads: EMA weights by default.
     vae = vaegan.load(tmp_path / "b" / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(vae.state_dict(), resumed.ema.state_dict())

@@ -37,6 +37,10 @@ from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
 from vaegan.perceptual import PerceptualLoss
 
 
+# Parameters and buffers of the frozen LPIPS network in this module's state dict.
+PERCEPTUAL_PREFIX = "perceptual."
+
+
 class VAEGAN(L.LightningModule):
     """Train (or fine-tune) an `AutoencoderKL` with the latent-diffusion objective.
 
@@ -369,6 +373,10 @@ class VAEGAN(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `vaegan.load` and `vaegan export` need to rebuild the autoencoder without this class.
         checkpoint["vaegan_config"] = self.vae.config.to_dict()
+        # The frozen LPIPS network is rebuilt from its weights file at construction (a resume needs that file
+        # anyway), so it is not stored again in every checkpoint (58 MB with VGG).
+        for key in [key for key in checkpoint["state_dict"] if key.startswith(PERCEPTUAL_PREFIX)]:
+            del checkpoint["state_dict"][key]
         # Random states, so that a resumed run draws the same crops and posterior samples.
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
@@ -377,6 +385,10 @@ class VAEGAN(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before the strict state-dict load: put back the LPIPS weights this module was built with.
+        state = checkpoint["state_dict"]
+        for key, value in self.perceptual.state_dict().items():
+            state.setdefault(PERCEPTUAL_PREFIX + key, value)
         states = checkpoint.get("rng_states")
         if states is not None:
             torch.set_rng_state(states["torch"])
