@@ -156,6 +156,16 @@ def test_tiled_is_close_to_untiled_on_a_real_photo():
     assert image_error.max() < 0.85 and image_error.mean() < 0.08
 
 
+@pytest.mark.slow
+def test_compiled_codec_matches_eager(vae):
+    # torch.compile (inductor, CPU here) of the encoder and decoder calls, including the folded upsampling.
+    x = photo(64)
+    eager, compiled = Codec(copy.deepcopy(vae)), Codec(copy.deepcopy(vae), compile=True)
+    latents = eager.encode(x)
+    torch.testing.assert_close(compiled.encode(x), latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.decode(latents), eager.decode(latents), rtol=1e-4, atol=1e-4)
+
+
 def test_bf16_is_close_to_fp32(vae):
     x = photo(64)
     reference = Codec(copy.deepcopy(vae))

@@ -134,3 +134,34 @@ def test_export_measures_factors_and_writes_a_diffusers_vae(assets, tmp_path):
     latents = codec.encode(torch.stack([torch.rand(3, 64, 64) * 2 - 1 for _ in range(2)]))
     assert vae.config.scaling_factor != 1.0 and (path / "config.json").is_file()
     assert latents.abs().mean() < 10  # normalised, not raw
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(assets, tmp_path):
+    # torch.compile (inductor, on CPU here) through both optimizer steps and the adaptive weight's double
+    # differentiation, the discriminator switching on at batch 2: the same updates as eager, up to rounding
+    # (which Adam's first steps amplify where a gradient is near zero, so each network's update is compared
+    # as a whole).
+    folder = photo_folder(assets, tmp_path, "train", 8)
+    initial, modules = {}, {}
+    for compile in (False, True):
+        L.seed_everything(0)
+        data = ImageDataModule(source=str(folder), resolution=32, batch_size=4, num_workers=0, min_size=32)
+        module = VAEGAN(**FAST, disc_start=2, disc_warmup=1, ema_decay=0.9, max_batches=4, compile=compile)
+        initial[compile] = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+        torch._dynamo.utils.counters.clear()
+        make_trainer(tmp_path / str(compile), limit_val_batches=0).fit(module, data)
+        modules[compile] = module
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert int(modules[True].batches_seen) == 4
+    for name, start in initial[False].items():
+        torch.testing.assert_close(initial[True][name], start, rtol=0, atol=0)
+    for network in ("vae.", "discriminator.", "logvar"):
+        names = [name for name in initial[False] if name.startswith(network)]
+        eager, compiled = (
+            torch.cat([(modules[c].state_dict()[n].float() - initial[c][n].float()).flatten() for n in names])
+            for c in (False, True)
+        )
+        difference = (compiled - eager).norm() / eager.norm()
+        # Measured: 4.4 % (autoencoder), 1.8 % (discriminator); 112 % when the discriminator was compiled too.
+        assert difference < 0.25, f"{network}: compiled updates differ from eager by {difference:.1%}"

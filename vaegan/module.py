@@ -36,7 +36,6 @@ from vaegan.losses import (
 from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
 from vaegan.perceptual import PerceptualLoss
 
-
 # Parameters and buffers of the frozen LPIPS network in this module's state dict.
 PERCEPTUAL_PREFIX = "perceptual."
 
@@ -77,7 +76,7 @@ class VAEGAN(L.LightningModule):
         validate_with_ema: validate (and export) the EMA weights.
         max_batches: training length in batches; the run stops there (set the Trainer's `max_steps` to -1).
         channels_last: run the networks in channels_last memory format (faster convolutions on GPUs).
-        compile: `torch.compile` the autoencoder and the discriminator.
+        compile: `torch.compile` the autoencoder (the discriminator, a small share of the work, stays eager).
         grid_images: validation images shown in the reconstruction grid.
     """
 
@@ -173,8 +172,12 @@ class VAEGAN(L.LightningModule):
                 if network is not None:
                     network.to(memory_format=torch.channels_last)
         if self.hparams.compile:
-            self.vae.compile()
-            self.discriminator.compile()
+            # The encoder and decoder, whose forward passes `vae.encode` and `vae.decode` call (compiling the
+            # AutoencoderKL itself would only wrap its unused `forward`). Not the discriminator: compiled
+            # (torch 2.14, inductor), the generator's gradient through it came out wrong once it had taken a
+            # step, when differentiated twice for the adaptive weight.
+            self.vae.encoder.compile()
+            self.vae.decoder.compile()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -235,6 +238,10 @@ class VAEGAN(L.LightningModule):
         return losses
 
     # ---------------------------------------------------------------- training
+    # The adaptive weight differentiates the generator's graph twice before its backward (retain_graph=True),
+    # which compiled backward graphs that donate their buffers refuse; donation only saves memory. Without
+    # `compile` this setting changes nothing.
+    @torch._functorch.config.patch(donated_buffer=False)
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
         images = self._images(batch)
