@@ -97,11 +97,7 @@ def test_tile_weights_sum_to_one_and_tiles_cover_the_axis():
     for length, tile, overlap in [(25, 8, 2), (41, 16, 4), (82, 16, 4), (16, 16, 4)]:
         grid = TileGrid.cover(length, tile, overlap)
         assert grid.starts[0] == 0 and grid.starts[-1] + grid.tile == length
-        assert grid.tile <= tile
-        assert all(b - a <= grid.tile - overlap for a, b in zip(grid.starts[:-1], grid.starts[1:], strict=True))
-        # No smaller tiles of this count would still cover the axis with the overlap asked for.
-        count = len(grid.starts)
-        assert count * (grid.tile - 1) - (count - 1) * overlap < length
+        assert all(b - a <= tile - overlap for a, b in zip(grid.starts[:-1], grid.starts[1:], strict=True))
     rows, cols = TileGrid.cover(25, 8, 2), TileGrid.cover(41, 16, 4)
     total = tile_weight_map(rows, cols, scale=4)
     assert total.shape == (100, 164) and total.min() > 0
@@ -141,19 +137,18 @@ def test_tile_blending_is_exact_for_a_local_network(vae):
 
 
 def test_tiled_is_close_to_untiled_on_a_real_photo():
-    # Random weights, 96-px tiles asked to overlap by 48 px on a 128-px photo (two 88-px tiles): GroupNorm and
-    # mid-block attention statistics differ per tile, which blending can fade but not remove. Measured:
-    # latents max 0.101 / mean 0.0082 (their std is 0.065); decoded images max 0.66 / mean 0.062.
-    # Tolerances ~1.3x.
+    # Random weights, 96-px tiles (32-px overlap) on a 128-px photo: GroupNorm and mid-block attention
+    # statistics differ per tile, which blending can fade but not remove. Measured: latents max 0.079 /
+    # mean 0.0066 (their std is 0.065); decoded images max 0.56 / mean 0.046 (std 0.29). Tolerances ~1.5x.
     vae = small_vae()
     x = photo(128)
     untiled = Codec(vae)
-    tiled = Codec(vae, tile_size=96, tile_overlap=48)
+    tiled = Codec(vae, tile_size=96, tile_overlap=32)
     latents = untiled.encode(x)
     latent_error = (tiled.encode(x) - latents).abs()
-    assert latent_error.max() < 0.13 and latent_error.mean() < 0.011
+    assert latent_error.max() < 0.12 and latent_error.mean() < 0.01
     image_error = (tiled.decode(latents) - untiled.decode(latents)).abs()
-    assert image_error.max() < 0.85 and image_error.mean() < 0.08
+    assert image_error.max() < 0.85 and image_error.mean() < 0.07
 
 
 @pytest.mark.slow

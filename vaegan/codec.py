@@ -75,17 +75,14 @@ class TileGrid:
 
     @classmethod
     def cover(cls, length: int, tile: int, overlap: int) -> TileGrid:
-        """The fewest tiles of at most `tile` that overlap by at least `overlap`, spread evenly over the axis.
+        """The fewest tiles of size `tile` that overlap by at least `overlap`, spread evenly over the axis.
 
         Every tile has the same size (the last one is not cut short but moved back to end at the border), so
-        tiles can be stacked into one batch, `torch.compile` sees one shape, and no tile lacks context. That
-        size is the smallest that still covers the axis with `overlap`: a 1024-px side in 512-px tiles with
-        128 px of overlap takes three 432-px tiles, not three 512-px ones (1.4x less work per axis pair).
+        tiles can be stacked into one batch, `torch.compile` sees one shape, and no tile lacks context.
         """
         if length <= tile:
             return cls(length, length, (0,), 0)
         count = math.ceil((length - overlap) / (tile - overlap))
-        tile = math.ceil((length + (count - 1) * overlap) / count)
         starts = tuple(round(i * (length - tile) / (count - 1)) for i in range(count))
         actual_overlap = min(a + tile - b for a, b in zip(starts[:-1], starts[1:], strict=True))
         return cls(length, tile, starts, min(actual_overlap, tile // 2))
