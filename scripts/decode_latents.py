@@ -4,17 +4,9 @@
     python scripts/decode_latents.py --input samples.pt --model out/sd-vae --output samples   # a sampler's latents
 """
 
-import argparse
+import sys
 
-from vaegan.cli import DECODE_DESCRIPTION, add_decode_arguments
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=DECODE_DESCRIPTION)
-    add_decode_arguments(parser)
-    args = parser.parse_args(argv)
-    args.func(args)
-
+from vaegan.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["decode", *sys.argv[1:]])

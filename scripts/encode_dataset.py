@@ -8,17 +8,9 @@
 Rerun the same command to resume; see vaegan/encoding.py for how the work is shared and committed.
 """
 
-import argparse
+import sys
 
-from vaegan.cli import ENCODE_DESCRIPTION, add_encode_arguments
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=ENCODE_DESCRIPTION)
-    add_encode_arguments(parser)
-    args = parser.parse_args(argv)
-    args.func(args)
-
+from vaegan.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["encode", *sys.argv[1:]])
