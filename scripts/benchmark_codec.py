@@ -24,8 +24,7 @@ import time
 import torch
 
 from vaegan import AutoencoderKL, Codec, load, preset
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from vaegan.codec import resolve_dtype
 
 
 def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):
@@ -54,7 +53,7 @@ def diffusers_twin(ours: AutoencoderKL):
 
 def make_codec(ours: AutoencoderKL, args, tiled: bool) -> Codec:
     return Codec(
-        ours, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.tile_batch if tiled else args.batch_size,
+        ours, device=args.device, dtype=args.dtype, batch_size=args.tile_batch if tiled else args.batch_size,
         tile_size=args.tile_size if tiled else None, tile_overlap=args.tile_overlap,
         auto_tile_pixels=None, compile=args.compile, channels_last=args.channels_last,
     )
@@ -77,24 +76,31 @@ def runners(ours: AutoencoderKL, theirs, args, tiled: bool):
     codec = make_codec(ours, args, tiled)
     diffusers_tiling(theirs, args.tile_size if tiled else None, args.tile_overlap)
     scale, shift = ours.config.scaling_factor, ours.config.shift_factor or 0.0
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype)
 
     @torch.inference_mode()
     def diffusers_encode(x):
         mean = theirs.encode(x.to(args.device, dtype)).latent_dist.mean
         return ((mean.float() - shift) * scale).to(x.device)
 
-    @torch.inference_mode()
-    def diffusers_decode(latents):
-        z = (latents / scale + shift).to(args.device, dtype)
-        return theirs.decode(z).sample.float().clamp(-1, 1).to(latents.device)
-
     return {
         ("vaegan", "encode"): codec.encode,
         ("vaegan", "decode"): codec.decode,
         ("diffusers", "encode"): diffusers_encode,
-        ("diffusers", "decode"): diffusers_decode,
+        ("diffusers", "decode"): diffusers_decoder(theirs, ours.config, args.device, dtype),
     }
+
+
+def diffusers_decoder(theirs, config, device: str, dtype: torch.dtype):
+    """Normalised latents -> images in [-1, 1] through diffusers' AutoencoderKL, on the latents' device."""
+    scale, shift = config.scaling_factor, config.shift_factor or 0.0
+
+    @torch.inference_mode()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        z = (latents / scale + shift).to(device, dtype)
+        return theirs.decode(z).sample.float().clamp(-1, 1).to(latents.device)
+
+    return decode
 
 
 def synchronize(device: str):
@@ -154,7 +160,7 @@ def child_peak_memory(args) -> dict:
     """Run one op once in this (fresh) process; report its peak memory above the pre-op baseline in MiB."""
     impl, op, size, tiled = args.child.split(":")
     size, tiled = int(size), tiled == "tiled"
-    ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device, args.diffusers_channels_last)
+    ours, theirs = build_models(args.arch, resolve_dtype(args.dtype), args.device, args.diffusers_channels_last)
     # Both models stay loaded, so they are part of the baseline and only the op's own memory is counted.
     fn = runners(ours, theirs, args, tiled)[impl, op]
     factor, channels = ours.config.downsampling_factor, ours.config.latent_channels
@@ -207,23 +213,17 @@ def seam_errors(args) -> list[dict]:
     torch.manual_seed(0)
     vae = load(args.model) if args.model else AutoencoderKL(preset(args.arch))
     # diffusers' own tiling of the same weights, against its own untiled decode: the side-by-side reference.
-    theirs = diffusers_twin(vae).to(args.device, DTYPES[args.dtype])
+    theirs = diffusers_twin(vae).to(args.device, resolve_dtype(args.dtype))
     photo = torch.from_numpy(astronaut()).permute(2, 0, 1)[None]                 # (1, 3, 512, 512) uint8
-    untiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], auto_tile_pixels=None)
+    untiled = Codec(vae, device=args.device, dtype=resolve_dtype(args.dtype), auto_tile_pixels=None)
     latents = untiled.encode(photo)
     reference = untiled.decode(latents)
-    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-
-    @torch.inference_mode()
-    def diffusers_decode(z: torch.Tensor) -> torch.Tensor:
-        raw = (z / scale + shift).to(args.device, DTYPES[args.dtype])
-        return theirs.decode(raw).sample.float().clamp(-1, 1).cpu()
-
+    diffusers_decode = diffusers_decoder(theirs, vae.config, args.device, resolve_dtype(args.dtype))
     theirs.disable_tiling()
     diffusers_reference = diffusers_decode(latents)
     rows = []
     for overlap in args.overlaps:
-        tiled = Codec(vae, device=args.device, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
+        tiled = Codec(vae, device=args.device, dtype=resolve_dtype(args.dtype), batch_size=args.batch_size,
                       tile_size=args.seam_tile_size, tile_overlap=overlap)
         diffusers_tiling(theirs, args.seam_tile_size, overlap)
         for impl, op, result, target in (
@@ -264,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="architecture preset (random weights)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024],
                         help="square image sizes to time; pass none to skip timing")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of both models")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of both models")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=4, help="images per call at sizes <= 512 (else 1)")
@@ -305,7 +305,7 @@ def main(argv=None):
         return
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "timings": []}
     if args.sizes:
-        ours, theirs = build_models(args.arch, DTYPES[args.dtype], args.device, args.diffusers_channels_last)
+        ours, theirs = build_models(args.arch, resolve_dtype(args.dtype), args.device, args.diffusers_channels_last)
         for size in args.sizes:
             modes = {"both": [False, True], "yes": [True], "no": [False]}[args.tiled]
             for tiled in modes:

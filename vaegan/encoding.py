@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from vaegan.autoencoder import AutoencoderKL
 from vaegan.buckets import DEFAULT_MAX_ASPECT, ResolutionPolicy
-from vaegan.codec import Codec
+from vaegan.codec import Codec, resolve_dtype
 from vaegan.formats import load
 from vaegan.shards import (
     DEFAULT_SHARD_SIZE,
@@ -55,7 +55,6 @@ from vaegan.shards import (
     SHARD_PATTERN,
     STORAGE_TYPES,
     STORES,
-    TORCH_DTYPES,
     ShardWriter,
     claim_output,
     encode_values,
@@ -334,7 +333,7 @@ class BatchEncoder:
                 generator = torch.Generator(codec.device).manual_seed(self.job.seed * 1_000_003 + batch["shard"])
                 self.generators[batch["shard"]] = generator
             latents = {"latent": (posterior.sample(generator) - self.shift) * self.scale}
-        stored = {name: value.to(TORCH_DTYPES[self.job.latent_dtype]) for name, value in latents.items()}
+        stored = {name: value.to(resolve_dtype(self.job.latent_dtype)) for name, value in latents.items()}
         if codec.device.type != "cuda":
             return _InFlight(batch, stored, None)
         host = {}

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vaegan.autoencoder import AutoencoderKL
+from vaegan.codec import resolve_dtype
 from vaegan.formats import make_readable, write_file_atomically
 
 SHARD_PATTERN = "train-*.parquet"
@@ -65,7 +66,6 @@ FORMAT_VERSION = 1
 
 # Stored type of each latent precision; bf16 travels as its bit pattern (see the module docstring).
 STORAGE_TYPES = {"fp32": pa.float32(), "fp16": pa.float16(), "bf16": pa.uint16()}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STORES = ("posterior", "mean", "sample")
 # The manifest entries a rerun must agree on, or it would mix latents of different settings in one folder.
 # (The source's path is not among them: the same folder may be named differently on a rerun.)
@@ -119,7 +119,7 @@ def schema(store: str, dtype: str, metadata: dict) -> pa.Schema:
 
 def encode_values(latents: torch.Tensor, dtype: str) -> np.ndarray:
     """Float latents (B, C, h, w) -> a numpy array of the storage type (bf16 as uint16 bits)."""
-    stored = latents.to(TORCH_DTYPES[dtype])
+    stored = latents.to(resolve_dtype(dtype))
     if dtype == "bf16":
         return stored.view(torch.int16).cpu().numpy().view(np.uint16)
     return stored.cpu().numpy()
