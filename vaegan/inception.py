@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from vaegan.perceptual import WEIGHTS_DIR_VARIABLE, torchvision_pretrained
+from vaegan.perceptual import WEIGHTS_DIR_VARIABLE, torchvision_pretrained, weights_dir_file
 
 InceptionVariant = Literal["auto", "pytorch-fid", "torchvision"]
 INCEPTION_FILE = "inception_v3_features.safetensors"
@@ -158,15 +158,9 @@ def find_inception_weights(weights: str | os.PathLike | None) -> tuple[dict[str,
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights {path} not found; {missing_inception_hint()}")
         return load_file(path), str(path)
-    tried = []
-    weights_dir = os.environ.get(WEIGHTS_DIR_VARIABLE)
-    if weights_dir:
-        path = Path(weights_dir) / INCEPTION_FILE
-        if path.is_file():
-            return load_file(path), str(path)
-        tried.append(f"{path} does not exist")
-    else:
-        tried.append(f"${WEIGHTS_DIR_VARIABLE} is not set")
+    tried: list[str] = []
+    if (path := weights_dir_file(INCEPTION_FILE, tried)) is not None:
+        return load_file(path), str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -142,15 +142,9 @@ def find_backbone(
             )
         return load_file(path), str(path)
 
-    tried = []
-    weights_dir = os.environ.get(WEIGHTS_DIR_VARIABLE)
-    if weights_dir:
-        path = Path(weights_dir) / backbone_file_name(net)
-        if path.is_file():
-            return load_file(path), str(path)
-        tried.append(f"{path} does not exist")
-    else:
-        tried.append(f"${WEIGHTS_DIR_VARIABLE} is not set")
+    tried: list[str] = []
+    if (path := weights_dir_file(backbone_file_name(net), tried)) is not None:
+        return load_file(path), str(path)
 
     model_name = TORCHVISION_MODELS[net]
     try:
@@ -159,6 +153,19 @@ def find_backbone(
         tried.append(f"torchvision could not load its {model_name} weights ({type(error).__name__}: {error})")
         return None, "; ".join(tried)
     return model.features.state_dict(), f"torchvision {model_name} weights (DEFAULT)"
+
+
+def weights_dir_file(file_name: str, tried: list[str]) -> Path | None:
+    """`$VAEGAN_WEIGHTS_DIR/file_name` when that file exists; otherwise None, with the reason added to `tried`."""
+    weights_dir = os.environ.get(WEIGHTS_DIR_VARIABLE)
+    if not weights_dir:
+        tried.append(f"${WEIGHTS_DIR_VARIABLE} is not set")
+        return None
+    path = Path(weights_dir) / file_name
+    if not path.is_file():
+        tried.append(f"{path} does not exist")
+        return None
+    return path
 
 
 def torchvision_pretrained(model_name: str, **kwargs) -> nn.Module:
