@@ -24,7 +24,7 @@ import time
 import torch
 
 from vaegan import AutoencoderKL, Codec, load, preset
-from vaegan.codec import resolve_dtype
+from vaegan.dtypes import resolve_dtype
 
 
 def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 import vaegan
-from vaegan.codec import resolve_dtype
-from vaegan.encoding import default_num_workers, encode_dataset
+from vaegan.dtypes import resolve_dtype
+from vaegan.encoding import encode_dataset
 from vaegan.images import load_image, resize_center_crop, to_tensor
 from vaegan.latents import LatentDataset
+from vaegan.launcher import default_num_workers
 from vaegan.readers import list_image_files
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "bsds500" / "train"
@@ -143,7 +144,8 @@ def main(argv=None) -> None:
         files = sorted(folder.iterdir())
         torch.manual_seed(0)
         vae = vaegan.load(args.model) if args.model else vaegan.AutoencoderKL(vaegan.preset(args.arch))
-        model_dir = vae.save(scratch / "vae", format="diffusers")  # diffusers reads this folder too: same weights
+        # diffusers reads this folder too: both sides run the same weights.
+        model_dir = vaegan.save(vae, scratch / "vae", format="diffusers")
         # Warm-up (allocator, oneDNN kernels, CUDA context, file cache) outside the timings, for both.
         plain_loop(model_dir, files[:args.batch_size], args, scratch / "warm.pt")
         vaegan_encode(model_dir, warm_folder, args, scratch / "warm")

@@ -6,7 +6,7 @@ generator and one discriminator step per batch (`disc_start=0`, so the discrimin
 - **vaegan**: the `VAEGAN` LightningModule driven by a real `lightning.Trainer`, with the module's own
   defaults (GroupNorm PatchGAN, learnable log-variance, gradient clipping, EMA), in the requested precision,
   optionally compiled and channels_last. Batches are timed after the warm-up by a Callback.
-- **reference**: the latent-diffusion recipe (REFERENCE.md §1) as a plain PyTorch loop:
+- **reference**: the latent-diffusion recipe (CompVis `contperceptual.py`) as a plain PyTorch loop:
   `diffusers.AutoencoderKL`, fp32, Adam(0.5, 0.9), L1 + LPIPS with sums per image, hinge loss, adaptive
   weight, BatchNorm PatchGAN.
 

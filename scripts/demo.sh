@@ -10,7 +10,7 @@ fi
 rm -rf runs/demo
 vaegan fit --config configs/demo.yaml "$@"
 vaegan export runs/demo/checkpoints/last.ckpt runs/demo/vae --format diffusers
-vaegan info runs/demo/vae --size 256
+vaegan info runs/demo/vae --size "[256]"
 echo
 echo "reconstruction grids (input | reconstruction | error x4):"
 ls -1 runs/demo/version_*/grids/*.png

@@ -126,8 +126,8 @@ def test_tile_blending_is_exact_for_a_local_network(vae):
     # With a network that only looks at each pixel, any tiling must reproduce the untiled output: this checks
     # the placement of tiles and that the blending weights sum to one everywhere.
     codec = Codec(vae, tile_size=32, tile_overlap=8)
-    codec._moments = lambda x: torch.nn.functional.avg_pool2d(x, 4).repeat(1, 3, 1, 1)[:, :8] * 3
-    codec._pixels = lambda z: torch.nn.functional.interpolate(z[:, :3].tanh(), scale_factor=4.0)
+    codec._encoder = lambda x: torch.nn.functional.avg_pool2d(x, 4).repeat(1, 3, 1, 1)[:, :8] * 3
+    codec._decoder = lambda z: torch.nn.functional.interpolate(z[:, :3].tanh(), scale_factor=4.0)
     untiled = copy.copy(codec)
     untiled.tile_size = None
     x = torch.rand(2, 3, 72, 104) * 2 - 1

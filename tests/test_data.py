@@ -1,9 +1,7 @@
 """Image decoding, the crop protocols and the data module: awkward files load right, bad ones are skipped."""
 
 import io
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import datasets
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import BAD_FILES, rotated_jpeg, sixteen_bit_ramp, write_png16_rgb
 from PIL import Image
 from torchvision import transforms
 
@@ -20,65 +19,6 @@ from vaegan.images import ImageError, load_image, random_crop, resize_center_cro
 from vaegan.readers import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS
 
 RESOLUTION = 64  # small crops keep every test well under a second of decoding
-BAD_FILES = {"zero.png", "notes.jpg", "tiny.png", "truncated.jpg"}
-
-
-def write_png16_rgb(path: Path, array: np.ndarray) -> None:
-    """A 16-bit-per-channel RGB PNG written by hand: PIL can read these but not write them."""
-    height, width, _ = array.shape
-    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bit, colour type 2 (RGB)
-    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
-
-
-def sixteen_bit_ramp(height: int = 48, width: int = 72) -> np.ndarray:
-    """A (H, W) uint16 image whose first row starts 0, 32768, 65535."""
-    ramp = np.tile(np.linspace(0, 65535, width, dtype=np.uint16), (height, 1))
-    ramp[0, :3] = (0, 32768, 65535)
-    return ramp
-
-
-def rotated_jpeg(path: Path) -> None:
-    """A wide 80x40 JPEG, red block in its stored top-left corner, tagged EXIF orientation 6 (turn 90° CW)."""
-    array = np.full((40, 80, 3), 128, np.uint8)
-    array[:12, :12] = (255, 0, 0)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(array).save(path, "JPEG", exif=exif, quality=95)
-
-
-@pytest.fixture
-def messy_folder(tmp_path: Path) -> Path:
-    return make_messy_folder(tmp_path / "images")
-
-
-def make_messy_folder(root: Path) -> Path:
-    """Nested folders of good photos, awkward-but-valid encodings and four bad files (`BAD_FILES`)."""
-    (root / "photos").mkdir(parents=True)
-    (root / "odd" / "deeper").mkdir(parents=True)
-    Image.fromarray(skimage.data.astronaut()[:200, :300]).save(root / "photos" / "astronaut.png")
-    Image.fromarray(skimage.data.chelsea()).save(root / "photos" / "chelsea.jpg", quality=90)
-    Image.fromarray(skimage.data.coffee()).save(root / "photos" / "coffee.webp")
-    Image.fromarray(skimage.data.rocket()).convert("CMYK").save(root / "odd" / "cmyk.jpg")
-    Image.fromarray(sixteen_bit_ramp()).save(root / "odd" / "gray16.png")
-    write_png16_rgb(root / "odd" / "deeper" / "rgb16.png", np.stack([sixteen_bit_ramp()] * 3, axis=-1))
-    Image.fromarray(skimage.data.astronaut()[:100, :100]).convert("RGBA").save(root / "odd" / "rgba.png")
-    Image.fromarray(skimage.data.camera()).save(root / "odd" / "gray.png")
-    rotated_jpeg(root / "odd" / "deeper" / "rotated.jpg")
-    # The bad ones: each must be skipped and counted, none may stop a pass.
-    jpeg = io.BytesIO()
-    Image.fromarray(skimage.data.coffee()).save(jpeg, "JPEG")
-    (root / "odd" / "deeper" / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 3])
-    (root / "odd" / "zero.png").write_bytes(b"")
-    (root / "photos" / "notes.jpg").write_text("not an image, despite the name\n")
-    Image.new("RGB", (8, 8), (10, 200, 30)).save(root / "photos" / "tiny.png")
-    (root / "photos" / "README.txt").write_text("ignored: not an image extension\n")
-    return root
 
 
 # --- load_image -------------------------------------------------------------------------------------------
@@ -316,12 +256,6 @@ def saved_dataset(tmp_path: Path) -> Path:
     path = tmp_path / "saved"
     datasets.Dataset.from_dict({"image": rows}, features=features).save_to_disk(str(path))
     return path
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """Builders (imagefolder) write their cache under the test's tmp folder, not the user's home."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
 
 
 def test_saved_dataset_source(saved_dataset):

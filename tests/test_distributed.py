@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import photo_folder
+from conftest import bsds_photos
 
 # Run by Lightning's launcher once per rank: the script is re-executed with LOCAL_RANK set.
 SCRIPT = """
@@ -57,7 +57,7 @@ def run_two_processes(tmp_path: Path, folder: Path, strategy: str) -> subprocess
 
 @pytest.mark.slow
 def test_two_processes_train_the_same_model_on_different_images(assets, tmp_path):
-    folder = photo_folder(assets, tmp_path, "train", 8)
+    folder = bsds_photos(assets, tmp_path, "train", 8)
     result = run_two_processes(tmp_path, folder, "gan_ddp")
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -72,7 +72,7 @@ def test_two_processes_train_the_same_model_on_different_images(assets, tmp_path
 
 @pytest.mark.slow
 def test_plain_ddp_is_refused_with_the_strategy_to_use(assets, tmp_path):
-    folder = photo_folder(assets, tmp_path, "train", 4)
+    folder = bsds_photos(assets, tmp_path, "train", 4)
     result = run_two_processes(tmp_path, folder, "ddp")
     assert result.returncode != 0
     assert "needs --trainer.strategy=gan_ddp" in result.stderr

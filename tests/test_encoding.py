@@ -15,19 +15,17 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import skimage.data
 import torch
+from conftest import BAD_FILES, read_rows, skimage_photos
 from PIL import Image
-from test_data import BAD_FILES, make_messy_folder
 
 import vaegan
 from vaegan.buckets import ResolutionPolicy, make_buckets, nearest_bucket, resize_cover_crop
 from vaegan.cli import main
 from vaegan.encoding import encode_dataset
 from vaegan.images import load_image, resize_center_crop
-from vaegan.shards import decode_values, unnested
 
 SCALE, SHIFT = 0.5, 0.1  # not the identity, so a mix-up of normalisation conventions shows
 
@@ -36,39 +34,7 @@ SCALE, SHIFT = 0.5, 0.1  # not the identity, so a mix-up of normalisation conven
 def tiny_vae(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     vae = vaegan.AutoencoderKL(vaegan.preset("tiny", scaling_factor=SCALE, shift_factor=SHIFT))
-    return vae.save(tmp_path_factory.mktemp("vae") / "tiny", format="diffusers")
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
-def photo_folder(root: Path, count: int, bad: int = 0) -> Path:
-    """`count` small crops of skimage photos in two subfolders, sizes varying, plus `bad` unreadable files."""
-    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
-    for i in range(count):
-        height, width = 40 + 8 * (i % 4), 64 - 6 * (i % 3)
-        array = photos[i % 4][5 * i:5 * i + height, 7 * i:7 * i + width]
-        (root / f"part{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(root / f"part{i % 2}" / f"photo{i:02d}.png")
-    for i in range(bad):
-        (root / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    return root
-
-
-def read_rows(folder: Path) -> list[dict]:
-    """Every row of every shard, with latents as float32 arrays."""
-    rows = []
-    for path in sorted(folder.glob("train-*.parquet")):
-        table = pq.read_table(path)
-        dtype = json.loads(table.schema.metadata[b"vaegan"])["dtype"]
-        shapes = table.column("latent_shape").combine_chunks().flatten().to_numpy().reshape(-1, 3)
-        tensors = {name: unnested(table.column(name), shapes) for name in ("mean", "logvar", "latent")
-                   if name in table.column_names}
-        for i, row in enumerate(table.drop([*tensors]).to_pylist()):
-            rows.append(row | {name: decode_values(values[i], dtype) for name, values in tensors.items()})
-    return rows
+    return vaegan.save(vae, tmp_path_factory.mktemp("vae") / "tiny", format="diffusers")
 
 
 def errors_of(folder: Path) -> list[dict]:
@@ -114,11 +80,11 @@ def test_policy_checks_against_the_vae():
 
 
 def test_encoded_latents_match_the_codec_and_decode_back(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 6)
+    images = skimage_photos(tmp_path / "images", 6)
     out = tmp_path / "latents"
     main(["encode", "--model", str(tiny_vae), "--input", str(images), "--output", str(out), "--crop", "32",
-          "--latent-dtype", "fp32", "--batch-size", "4", "--shard-size", "4", "--num-workers", "1", "--no-progress",
-          "--device", "cpu"])
+          "--latent_dtype", "fp32", "--batch_size", "4", "--shard_size", "4", "--num_workers", "1",
+          "--progress", "false", "--device", "cpu"])
     rows = read_rows(out)
     assert sorted(row["id"] for row in rows) == sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
     codec = vaegan.Codec(vaegan.load(tiny_vae))
@@ -137,15 +103,16 @@ def test_encoded_latents_match_the_codec_and_decode_back(tiny_vae, tmp_path):
     assert manifest["vae"]["scaling_factor"] == SCALE and manifest["shards"]["count"] == 2
     assert manifest["resolution"] == {"policy": "crop", "size": 32, "step": 4, "min_size": 16}
 
-    main(["decode", "--input", str(out), "--output", str(tmp_path / "decoded"), "--no-progress", "--device", "cpu"])
+    main(["decode", "--input", str(out), "--output", str(tmp_path / "decoded"), "--progress", "false",
+          "--device", "cpu"])
     for row in rows:
         decoded = np.asarray(Image.open(tmp_path / "decoded" / row["id"]))
         expected = codec.decode(torch.from_numpy(row["mean"])[None], output="numpy")[0]
         assert np.abs(decoded.astype(int) - expected).max() <= 1
 
 
-def test_messy_folder_lists_bad_files_and_encodes_the_rest(tiny_vae, tmp_path):
-    images = make_messy_folder(tmp_path / "images")
+def test_messy_folder_lists_bad_files_and_encodes_the_rest(tiny_vae, messy_folder, tmp_path):
+    images = messy_folder
     out = tmp_path / "latents"
     summary = encode_dataset(tiny_vae, images, out, buckets=64, step=16, shard_size=5, batch_size=3,
                              num_workers=2, device="cpu", progress=False)
@@ -168,15 +135,15 @@ def test_messy_folder_lists_bad_files_and_encodes_the_rest(tiny_vae, tmp_path):
 
 
 def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 13, bad=1)
+    images = skimage_photos(tmp_path / "images", 13, bad=1)
     # A named pipe sorted into shard 4 blocks whoever opens it: the run is stuck there, mid-flight, with
     # shards 0-3 committed (two workers, taken round robin), when it is killed.
     blocker = images / "part1" / "photo08b.png"
     os.mkfifo(blocker)
     out = tmp_path / "latents"
     command = [sys.executable, "-m", "vaegan.cli", "encode", "--model", str(tiny_vae), "--input", str(images),
-               "--output", str(out), "--crop", "32", "--shard-size", "2", "--batch-size", "1",
-               "--num-workers", "2", "--device", "cpu", "--no-progress"]
+               "--output", str(out), "--crop", "32", "--shard_size", "2", "--batch_size", "1",
+               "--num_workers", "2", "--device", "cpu", "--progress", "false"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -205,7 +172,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae, tmp_path):
 
 
 def test_a_shard_renamed_but_not_recorded_is_redone_not_duplicated(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 6)
+    images = skimage_photos(tmp_path / "images", 6)
     out = tmp_path / "latents"
     encode_dataset(tiny_vae, images, out, crop=32, shard_size=2, num_workers=0, device="cpu", progress=False)
     # What a kill between the two commit steps leaves: shard 1's Parquet in place but no record of it, and a
@@ -221,12 +188,12 @@ def test_a_shard_renamed_but_not_recorded_is_redone_not_duplicated(tiny_vae, tmp
 
 
 def test_two_processes_encode_every_image_once(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 9, bad=2)
+    images = skimage_photos(tmp_path / "images", 9, bad=2)
     out = tmp_path / "latents"
     summary = encode_dataset(tiny_vae, images, out, crop=32, shard_size=2, batch_size=2, num_workers=1,
                              num_processes=2, device="cpu", progress=False)
-    assert [rank["rank"] for rank in summary.ranks] == [0, 1]
-    assert all(rank["encoded"] > 0 for rank in summary.ranks)
+    assert [rank.rank for rank in summary.ranks] == [0, 1]
+    assert all(rank.encoded > 0 for rank in summary.ranks)
     assert summary.encoded == 9 and summary.errors == 2 and summary.manifest["complete"]
     ids = Counter(row["id"] for row in read_rows(out))
     assert ids == Counter(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
@@ -234,7 +201,7 @@ def test_two_processes_encode_every_image_once(tiny_vae, tmp_path):
 
 
 def test_torchrun_ranks_share_shards_and_the_last_writes_the_manifest(tiny_vae, tmp_path, monkeypatch):
-    images = photo_folder(tmp_path / "images", 5)
+    images = skimage_photos(tmp_path / "images", 5)
     out = tmp_path / "latents"
     monkeypatch.setenv("WORLD_SIZE", "2")
     results = []
@@ -243,13 +210,13 @@ def test_torchrun_ranks_share_shards_and_the_last_writes_the_manifest(tiny_vae, 
         results.append(encode_dataset(tiny_vae, images, out, crop=32, shard_size=2, num_workers=0, device="cpu",
                                       progress=False))
     assert results[0].manifest is None and results[1].manifest["complete"]
-    assert results[0].ranks[0]["shards"] == 1 and results[1].ranks[0]["shards"] == 2  # shards 1 | 0, 2
+    assert results[0].ranks[0].shards == 1 and results[1].ranks[0].shards == 2  # shards 1 | 0, 2
     assert sorted(row["id"] for row in read_rows(out)) == sorted(
         p.relative_to(images).as_posix() for p in images.rglob("*.png"))
 
 
 def test_a_rerun_with_other_settings_or_a_changed_folder_is_refused(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 3)
+    images = skimage_photos(tmp_path / "images", 3)
     out = tmp_path / "latents"
     encode_dataset(tiny_vae, images, out, crop=32, num_workers=0, device="cpu", progress=False)
     again = encode_dataset(tiny_vae, images, out, crop=32, num_workers=0, device="cpu", progress=False)
@@ -264,7 +231,7 @@ def test_a_rerun_with_other_settings_or_a_changed_folder_is_refused(tiny_vae, tm
 
 
 def test_max_side_keeps_images_whole_up_to_the_cap(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 4)
+    images = skimage_photos(tmp_path / "images", 4)
     encode_dataset(tiny_vae, images, tmp_path / "latents", max_side=48, step=8, num_workers=0, device="cpu",
                    progress=False)
     for row in read_rows(tmp_path / "latents"):
@@ -276,7 +243,7 @@ def test_max_side_keeps_images_whole_up_to_the_cap(tiny_vae, tmp_path):
 
 
 def test_latents_that_overflow_fp16_are_errors_not_infinities(tiny_vae, tmp_path):
-    images = photo_folder(tmp_path / "images", 2)
+    images = skimage_photos(tmp_path / "images", 2)
     summary = encode_dataset(tiny_vae, images, tmp_path / "latents", crop=32, scaling_factor=1e6, num_workers=0,
                              device="cpu", progress=False)
     assert summary.encoded == 0 and summary.errors == 2
@@ -337,7 +304,7 @@ def test_webdataset_shards_stream_with_their_keys_as_ids(tiny_vae, tmp_path, hf_
 
 
 def test_shards_load_with_plain_datasets(tiny_vae, tmp_path, hf_cache):
-    images = photo_folder(tmp_path / "images", 5, bad=1)
+    images = skimage_photos(tmp_path / "images", 5, bad=1)
     out = tmp_path / "latents"
     encode_dataset(tiny_vae, images, out, buckets=48, step=16, latent_dtype="bf16", shard_size=3, num_workers=0,
                    device="cpu", progress=False)

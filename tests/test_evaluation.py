@@ -189,9 +189,9 @@ def two_models(tmp_path_factory) -> tuple[Path, Path]:
     """Two random tiny VAEs in two formats: a diffusers folder and a single file."""
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    first = vaegan.AutoencoderKL.from_preset("tiny").save(folder / "first", format="diffusers")
+    first = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), folder / "first", format="diffusers")
     torch.manual_seed(1)
-    second = vaegan.AutoencoderKL.from_preset("tiny").save(folder / "second.safetensors", format="single-file")
+    second = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), folder / "second.safetensors", format="single-file")
     return first, second
 
 
@@ -199,9 +199,9 @@ def test_two_models_in_one_run_write_a_report_that_parses(assets, two_models, in
     first, second = two_models
     output = tmp_path / "report"
     main([
-        "eval", "--model", f"ours={first}", "--model", str(second), "--data", str(assets / "kodak"),
-        "--resolution", "176", "--max-images", "3", "--batch-size", "2", "--num-workers", "0", "--sheets", "2",
-        "--inception-weights", str(inception_file), "--output", str(output), "--no-progress",
+        "eval", "--models+", f"ours={first}", "--models+", str(second), "--data", str(assets / "kodak"),
+        "--resolution", "176", "--max_images", "3", "--batch_size", "2", "--num_workers", "0", "--sheets", "2",
+        "--inception_weights", str(inception_file), "--output", str(output),
     ])
     printed = capsys.readouterr().out
     assert "| ours |" in printed and "| second |" in printed
@@ -240,7 +240,7 @@ def test_small_images_and_no_inception_weights_give_null_with_reasons(
 ):
     monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(assets / "lpips"))  # alex, but no Inception file
     first, _ = two_models
-    result = evaluate([str(first)], str(assets / "kodak"), resolution=64, max_images=2, num_workers=0,
+    result = evaluate(models=[str(first)], data=str(assets / "kodak"), resolution=64, max_images=2, num_workers=0,
                       progress=False)
     from vaegan.report import write_report
 
@@ -257,4 +257,4 @@ def test_small_images_and_no_inception_weights_give_null_with_reasons(
 def test_a_missing_lpips_backbone_stops_before_any_work(two_models, tmp_path, monkeypatch, offline_torchvision):
     monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="vgg16_features.safetensors"):
-        evaluate([str(two_models[0])], "/nonexistent/images", lpips=("vgg",), progress=False)
+        evaluate(models=[str(two_models[0])], data="/nonexistent/images", lpips=("vgg",), progress=False)

@@ -95,7 +95,7 @@ def test_diffusers_folder_loads_with_identical_outputs(tmp_path, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_saved_folder_loads_in_diffusers_without_warnings(tmp_path, name):
     vae = small_vae(name)
-    vae.save(tmp_path / "vae")
+    vaegan.save(vae, tmp_path / "vae")
 
     with no_warnings_from_diffusers():
         reference = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
@@ -140,13 +140,13 @@ def test_sharded_folder_written_by_diffusers(tmp_path):
 
 def test_pipeline_folder_loads_its_vae_subfolder(tmp_path):
     vae = small_vae()
-    vae.save(tmp_path / "vae")
+    vaegan.save(vae, tmp_path / "vae")
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     assert_same_outputs(vaegan.load(tmp_path), vae)
 
 
 def test_explicit_factors_override_the_file(tmp_path):
-    small_vae("flux").save(tmp_path)
+    vaegan.save(small_vae("flux"), tmp_path)
     vae = vaegan.load(tmp_path, scaling_factor=0.5, shift_factor=0.25)
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.5, 0.25)
 
@@ -190,8 +190,8 @@ def test_single_file_has_original_names_and_our_config(tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_single_file_is_read_by_diffusers_importer(tmp_path, name):
     vae = small_vae(name)
-    vae.save(tmp_path / "vae.safetensors", format="single-file")
-    vae.save(tmp_path / "config")  # from_single_file takes the architecture from a diffusers folder
+    vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
+    vaegan.save(vae, tmp_path / "config")  # from_single_file takes the architecture from a diffusers folder
 
     reference = diffusers.AutoencoderKL.from_single_file(
         tmp_path / "vae.safetensors", config=str(tmp_path / "config")
@@ -201,7 +201,7 @@ def test_single_file_is_read_by_diffusers_importer(tmp_path, name):
 
 def test_whole_sd_checkpoint_ckpt(tmp_path):
     vae = small_vae()
-    vae.save(tmp_path / "vae.safetensors", format="single-file")
+    vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
     vae_tensors = load_file(tmp_path / "vae.safetensors")
     state_dict = {f"first_stage_model.{key}": tensor for key, tensor in vae_tensors.items()}
     state_dict["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
@@ -217,7 +217,7 @@ def test_whole_sd_checkpoint_ckpt(tmp_path):
 @pytest.mark.parametrize("prefix", ["", "vae.", "first_stage_model."])
 def test_architecture_is_inferred_from_shapes(tmp_path, naming, prefix):
     vae = perturbed(AutoencoderKL(preset("sd", block_out_channels=(32, 64), layers_per_block=1)))
-    vae.save(tmp_path / "vae.safetensors", format="single-file")
+    vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
     tensors = load_file(tmp_path / "vae.safetensors") if naming == "original" else vae.state_dict()
     save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, tmp_path / "bare.safetensors")
 
@@ -257,7 +257,7 @@ def test_16_channel_file_without_config_needs_its_factors(tmp_path):
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    return small_vae().save(tmp_path / "vae")
+    return vaegan.save(small_vae(), tmp_path / "vae")
 
 
 def rewrite_weights(folder: Path, edit) -> None:
@@ -294,7 +294,7 @@ def test_many_missing_keys_are_counted_not_all_listed(folder):
 
 def test_single_file_errors_use_the_files_own_names(tmp_path):
     vae = small_vae()
-    path = vae.save(tmp_path / "vae.safetensors", format="single-file")
+    path = vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
     with safe_open(str(path), framework="pt") as file:
         tensors, metadata = {k: file.get_tensor(k) for k in file.keys()}, file.metadata()
     del tensors["decoder.up.1.upsample.conv.weight"]
@@ -304,7 +304,7 @@ def test_single_file_errors_use_the_files_own_names(tmp_path):
 
 
 def test_truncated_safetensors_is_refused(tmp_path):
-    path = small_vae().save(tmp_path / "vae.safetensors", format="single-file")
+    path = vaegan.save(small_vae(), tmp_path / "vae.safetensors", format="single-file")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(FormatError, match=r"vae\.safetensors is not a readable safetensors file"):
         vaegan.load(path)
@@ -358,7 +358,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
 @pytest.mark.parametrize("format, name", [("diffusers", "vae"), ("single-file", "vae.safetensors")])
 def test_failed_save_leaves_the_previous_artifact(tmp_path, monkeypatch, format, name):
     good = small_vae()
-    path = good.save(tmp_path / name, format=format)
+    path = vaegan.save(good, tmp_path / name, format=format)
     before = digest(path)
 
     def fail(*args, **kwargs):
@@ -366,7 +366,7 @@ def test_failed_save_leaves_the_previous_artifact(tmp_path, monkeypatch, format,
 
     monkeypatch.setattr(vaegan.formats, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
-        perturbed(AutoencoderKL(good.config), seed=1).save(path, format=format)
+        vaegan.save(perturbed(AutoencoderKL(good.config), seed=1), path, format=format)
 
     assert digest(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left behind
@@ -377,5 +377,5 @@ def test_save_refuses_to_replace_a_folder_with_other_files(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(FileExistsError, match="model_index.json"):
-        small_vae().save(tmp_path)
+        vaegan.save(small_vae(), tmp_path)
     assert (tmp_path / "unet").is_dir()

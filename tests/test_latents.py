@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_rows, skimage_photos
 from PIL import Image
-from test_encoding import photo_folder, read_rows
 
 import vaegan
 from vaegan.encoding import encode_dataset
@@ -21,8 +21,8 @@ def encoded(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("latents")
     torch.manual_seed(0)
     vae = vaegan.AutoencoderKL(vaegan.preset("tiny", scaling_factor=0.5, shift_factor=0.1))
-    model = vae.save(root / "vae", format="diffusers")
-    images = photo_folder(root / "images", 12)
+    model = vaegan.save(vae, root / "vae", format="diffusers")
+    images = skimage_photos(root / "images", 12)
     encode_dataset(model, images, root / "out", buckets=48, step=16, shard_size=5, batch_size=4, num_workers=0,
                    device="cpu", progress=False)
     return model, root / "out"
@@ -52,7 +52,7 @@ def test_items_are_the_stored_mean_or_a_sample_around_it(encoded):
 def test_batches_keep_buckets_together_and_cover_each_item_once(encoded):
     _, out = encoded
     dataset = LatentDataset(out, sample=False)
-    assert len(dataset.buckets()) >= 2  # the photos have different aspect ratios
+    assert len(np.unique(dataset.shapes, axis=0)) >= 2  # the photos have different aspect ratios
     sampler = dataset.batch_sampler(3, shuffle=True, seed=1)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=2)
     seen = Counter()
@@ -72,7 +72,7 @@ def test_batches_keep_buckets_together_and_cover_each_item_once(encoded):
 
 def test_sampling_needs_a_stored_posterior(encoded, tmp_path):
     model, _ = encoded
-    images = photo_folder(tmp_path / "images", 2)
+    images = skimage_photos(tmp_path / "images", 2)
     encode_dataset(model, images, tmp_path / "means", crop=32, store="mean", num_workers=0, device="cpu",
                    progress=False)
     assert not LatentDataset(tmp_path / "means").sample
@@ -85,28 +85,29 @@ def test_decode_a_samplers_latents_and_a_single_shard(encoded, tmp_path):
     codec = vaegan.Codec(vaegan.load(model))
     latents = torch.randn(3, 4, 8, 12)
     torch.save(latents, tmp_path / "samples.pt")
-    paths = decode_latents(tmp_path / "samples.pt", tmp_path / "images", model, format="webp", quality=100,
-                           device="cpu", progress=False)
+    paths = decode_latents(input=tmp_path / "samples.pt", output=tmp_path / "images", model=model, format="webp",
+                           quality=100, device="cpu", progress=False)
     assert [path.name for path in paths] == ["samples-00000.webp", "samples-00001.webp", "samples-00002.webp"]
     expected = codec.decode(latents, output="numpy")
     decoded = np.stack([np.asarray(Image.open(path)) for path in paths])
     assert decoded.shape == (3, 32, 48, 3) and np.array_equal(decoded, expected)  # quality 100: lossless webp
 
     shard = sorted(out.glob("train-*.parquet"))[0]
-    paths = decode_latents(shard, tmp_path / "one", model, format="jpeg", limit=2, device="cpu", progress=False)
+    paths = decode_latents(input=shard, output=tmp_path / "one", model=model, format="jpeg", limit=2, device="cpu",
+                           progress=False)
     assert len(paths) == 2 and all(path.suffix == ".jpg" for path in paths)
     with pytest.raises(ValueError, match="pass model="):
-        decode_latents(tmp_path / "samples.pt", tmp_path / "images", progress=False)
+        decode_latents(input=tmp_path / "samples.pt", output=tmp_path / "images", progress=False)
 
 
 def test_decoding_with_another_vae_warns(encoded, tmp_path):
     _, out = encoded
     torch.manual_seed(1)  # other weights than the encoder's (seed 0)
     other = vaegan.AutoencoderKL(vaegan.preset("tiny", scaling_factor=0.5, shift_factor=0.1))
-    path = other.save(tmp_path / "other", format="diffusers")
+    path = vaegan.save(other, tmp_path / "other", format="diffusers")
     with pytest.warns(UserWarning, match="not the VAE that encoded it"):
-        written = decode_latents(out, tmp_path / "decoded", path, ids=["part0/photo00.png"], device="cpu",
-                                 progress=False)
+        written = decode_latents(input=out, output=tmp_path / "decoded", model=path, ids=["part0/photo00.png"],
+                                 device="cpu", progress=False)
     assert [p.relative_to(tmp_path / "decoded").as_posix() for p in written] == ["part0/photo00.png"]
     assert math.isfinite(np.asarray(Image.open(written[0])).mean())
 

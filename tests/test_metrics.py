@@ -9,6 +9,7 @@ from skimage import data
 from skimage.metrics import structural_similarity
 
 from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
+from vaegan.normalization import LatentNormalization
 
 
 def _photo() -> torch.Tensor:
@@ -50,7 +51,8 @@ def test_latent_statistics_match_a_single_pass_and_suggest_unit_variance():
     per_channel = latents.transpose(0, 1).flatten(1)
     assert statistics.mean.numpy() == pytest.approx(per_channel.mean(1).numpy())
     assert statistics.channel_std.numpy() == pytest.approx(per_channel.std(1).numpy())
-    scale, shift = statistics.suggested_factors("shift")
-    assert shift == pytest.approx(latents.mean().item())
-    assert ((latents - shift) * scale).std().item() == pytest.approx(1.0)
-    assert statistics.suggested_factors("scale") == (pytest.approx(scale), 0.0)
+    normalization = LatentNormalization.fit(statistics, "shift")
+    assert normalization.shift_factor == pytest.approx(latents.mean().item())
+    assert normalization.normalize(latents).std().item() == pytest.approx(1.0)
+    scale_only = LatentNormalization.fit(statistics, "scale")
+    assert (scale_only.scaling_factor, scale_only.shift_factor) == (pytest.approx(normalization.scaling_factor), 0.0)

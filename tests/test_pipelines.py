@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaegan import AutoencoderKL, preset
+from vaegan import AutoencoderKL, preset, save
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -20,7 +20,7 @@ IMAGE_SIZE = 32  # pixels; 4x4 latents
 
 def saved_and_reloaded(vae: AutoencoderKL, folder) -> torch.nn.Module:
     """Save with vaegan, load with diffusers: the path a user of our artifact takes."""
-    vae.save(folder)
+    save(vae, folder)
     return diffusers.AutoencoderKL.from_pretrained(folder).eval()
 
 

@@ -1,11 +1,11 @@
 """The training module end to end with real Lightning, real LPIPS and real photos (BSDS500)."""
 
-import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import bsds_photos
 from lightning.pytorch.loggers import CSVLogger
 
 import vaegan
@@ -16,16 +16,6 @@ FAST = dict(
     arch="tiny", perceptual_net="squeeze", perceptual_weight=0.5, lr=1e-3, disc_lr=2e-4, lr_warmup=10,
     disc_channels=16, disc_layers=2, grid_images=4,
 )
-
-
-def photo_folder(assets: Path, tmp_path: Path, split: str, count: int, corrupt: bool = False) -> Path:
-    folder = tmp_path / split
-    folder.mkdir()
-    for photo in sorted((assets / "bsds500" / split).glob("*.jpg"))[:count]:
-        shutil.copy(photo, folder)
-    if corrupt:
-        (folder / "corrupt.jpg").write_bytes((assets / "bsds500" / split / photo.name).read_bytes()[:300])
-    return folder
 
 
 def make_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
@@ -62,8 +52,8 @@ class Watchdog(L.Callback):
 def test_short_run_on_real_photos_improves_psnr_and_gates_the_discriminator(assets, tmp_path):
     L.seed_everything(0)
     data = ImageDataModule(
-        source=str(photo_folder(assets, tmp_path, "train", 48, corrupt=True)),
-        val_source=str(photo_folder(assets, tmp_path, "test", 8)),
+        source=str(bsds_photos(assets, tmp_path, "train", 48, corrupt=True)),
+        val_source=str(bsds_photos(assets, tmp_path, "test", 8)),
         resolution=64, batch_size=8, num_workers=0, min_size=64,
     )
     module = VAEGAN(**FAST, disc_start=100, disc_warmup=20, ema_decay=0.95, max_batches=160)
@@ -105,7 +95,7 @@ def _run(tmp_path: Path, data_folder: Path, max_epochs: int, resume: Path | None
 
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(assets, tmp_path):
-    folder = photo_folder(assets, tmp_path, "train", 8)
+    folder = bsds_photos(assets, tmp_path, "train", 8)
     uninterrupted = _run(tmp_path / "a", folder, max_epochs=3)
     _run(tmp_path / "b", folder, max_epochs=1)  # stops after one epoch, as if killed there
     resumed = _run(tmp_path / "b", folder, max_epochs=3, resume=tmp_path / "b" / "checkpoints" / "last.ckpt")
@@ -124,7 +114,7 @@ def test_resumed_run_matches_an_uninterrupted_one(assets, tmp_path):
 
 
 def test_export_measures_factors_and_writes_a_diffusers_vae(assets, tmp_path):
-    folder = photo_folder(assets, tmp_path, "train", 8)
+    folder = bsds_photos(assets, tmp_path, "train", 8)
     _run(tmp_path, folder, max_epochs=1)
     from vaegan.export import export
 
@@ -142,7 +132,7 @@ def test_compiled_training_follows_the_eager_run(assets, tmp_path):
     # differentiation, the discriminator switching on at batch 2: the same updates as eager, up to rounding
     # (which Adam's first steps amplify where a gradient is near zero, so each network's update is compared
     # as a whole).
-    folder = photo_folder(assets, tmp_path, "train", 8)
+    folder = bsds_photos(assets, tmp_path, "train", 8)
     initial, modules = {}, {}
     for compile in (False, True):
         L.seed_everything(0)

@@ -2,7 +2,8 @@
 
 An encoder maps an image to a diagonal Gaussian over latents, a decoder maps latents back to the image.
 Every parameter name and config key matches `diffusers.AutoencoderKL`, so a diffusers state dict loads
-without renaming and a save is a plain file write (see `formats.py` for the original CompVis naming).
+without renaming and a save is a plain file write. The network knows nothing of files: `vaegan.formats` reads
+and writes it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class AutoencoderConfig:
         return cls(**values)
 
 
-# The released architectures (REFERENCE.md §2) and a tiny one that trains on a CPU in minutes.
+# The released architectures, with the factors their diffusers configs declare (SD 1.x/2.x, SDXL, SD3, Flux.1:
+# widths 128-256-512-512, 2 resnets per level, GroupNorm(32); SD3 and Flux drop the quant convs and use 16
+# channels), and a tiny one that trains on a CPU in minutes.
 PRESETS: dict[str, AutoencoderConfig] = {
     "sd": AutoencoderConfig(scaling_factor=0.18215, sample_size=512),
     "sdxl": AutoencoderConfig(scaling_factor=0.13025, sample_size=1024),
@@ -109,7 +112,7 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm, then SiLU; in place on the norm's fresh output when no gradient is being recorded, which
-    spares a large allocation per layer (about 9 % of an `sd` decode on CPU, fp32 and bf16)."""
+    spares a large allocation per layer (the README's codec table measures what it buys)."""
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
@@ -360,14 +363,6 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(
-        self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct: (reconstruction, posterior), decoding a posterior sample (or its mean)."""
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.decode(z), posterior
-
     @property
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's output conv weight: where the adaptive GAN weight compares gradient norms."""
@@ -375,9 +370,3 @@ class AutoencoderKL(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def save(self, path, format: str = "diffusers", dtype: torch.dtype | None = None):
-        """Write a diffusers folder or an original-naming single file; see `vaegan.formats.save`."""
-        from vaegan.formats import save  # formats builds on this module, so import it only when used
-
-        return save(self, path, format=format, dtype=dtype)

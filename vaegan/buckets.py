@@ -149,7 +149,7 @@ class ResolutionPolicy:
         crop = image.crop((left, top, left + crop_width, top + crop_height))
         return crop, _source_box(left, top, crop_width, crop_height, new_width / width, new_height / height)
 
-    def describe(self) -> dict:
+    def to_json(self) -> dict:
         """The policy as JSON for the manifest (buckets listed as [width, height])."""
         description = {"policy": self.kind, "size": self.size, "step": self.step, "min_size": self.min_size}
         if self.kind == "buckets":

@@ -1,8 +1,8 @@
 """A frozen latent codec: images in, normalised latents out, and back, for code that uses a trained VAE.
 
 `Codec` wraps an `AutoencoderKL` for inference. It
-- normalises latents the way diffusion models expect them: `latents = (z - shift_factor) * scaling_factor`,
-  and inverts that before decoding;
+- normalises latents the way diffusion models expect them (`vaegan.normalization`: `(z - shift_factor) *
+  scaling_factor`), and inverts that before decoding;
 - accepts the usual image containers and returns the one asked for (see `encode` and `decode`);
 - runs in chunks of `batch_size`, under `torch.inference_mode()`, in fp32, bf16 or fp16;
 - guards fp16 against overflow: a chunk whose output is not finite is redone in fp32 (warned once);
@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,34 +33,20 @@ from einops import rearrange
 from PIL import Image
 
 from vaegan.autoencoder import AutoencoderKL, DiagonalGaussian
+from vaegan.dtypes import resolve_dtype
 from vaegan.metrics import to_uint8
+from vaegan.normalization import LatentNormalization
 
 OutputKind = Literal["tensor", "uint8", "numpy", "pil"]
 ImageInput = torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image]
 
-# Names a user may give for a precision, on the command line or in Python.
-DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A torch dtype from itself or from a name in `DTYPE_NAMES` ("bf16", "float16", ...)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[dtype]
-
-
-# 512-px tiles (64 latent pixels) keep an SD-sized decoder near 1.8 GB per tile in fp32 on CPU while the
-# attention in the middle block still sees a 64x64 neighbourhood; 128 px of overlap (25 %) is where the seam
-# error of a tiled 1024-px decode stops improving much (scripts/benchmark_codec.py --overlaps prints it).
+# 512-px tiles (64 latent pixels): the size the SD decoders' memory is usually quoted at, and the attention in
+# the middle block still sees a 64x64 neighbourhood; 128 px of overlap (25 %) is where the seam error of a tiled
+# decode stops improving much (scripts/benchmark_codec.py --overlaps prints it).
 DEFAULT_TILE_SIZE = 512
 DEFAULT_TILE_OVERLAP = 128
-# Above this many output pixels (1024^2, 4.5 GB for an untiled SD decode in fp32) tiling starts by itself.
+# Above this many output pixels tiling starts by itself: an untiled SD decode's activations grow with the image
+# (its widest layers hold 512 channels at 1/8 and 128 at full resolution), several GB in fp32 past 1024^2.
 DEFAULT_AUTO_TILE_PIXELS = 1024 * 1024
 
 
@@ -116,6 +102,22 @@ def tile_weight_map(rows: TileGrid, cols: TileGrid, scale: int) -> torch.Tensor:
     return total
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One tile of an image, in latent pixels; `region(scale)` indexes it in a tensor `scale` times finer."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def region(self, scale: int) -> tuple:
+        """(..., rows, columns): the tile in the last two dimensions of any tensor."""
+        rows = slice(self.top * scale, (self.top + self.height) * scale)
+        columns = slice(self.left * scale, (self.left + self.width) * scale)
+        return ..., rows, columns
+
+
 class Codec:
     """A frozen VAE that encodes images to normalised latents and decodes them back (see the module doc).
 
@@ -138,7 +140,7 @@ class Codec:
         Args:
             vae: the autoencoder; moved to `device` and cast to `dtype` in place.
             device, dtype: where and in what precision the network runs (fp32 by default: highest precision);
-                `dtype` is a torch dtype or a name such as "bf16" (see `DTYPE_NAMES`).
+                `dtype` is a torch dtype or a name such as "bf16" (see `vaegan.dtypes`).
             batch_size: images (or tiles) per forward pass; bounds activation memory on the device.
             tile_size: tile side in pixels to always tile with; None tiles only images of more than
                 `auto_tile_pixels` pixels, with `DEFAULT_TILE_SIZE` tiles.
@@ -146,8 +148,8 @@ class Codec:
                 evenly, so the real overlap is often larger).
             auto_tile_pixels: pixel count (H * W) above which tiling starts by itself; None never auto-tiles.
             compile: `torch.compile` the encoder and decoder forward passes (one shape per tile size).
-            channels_last: run convolutions on NHWC tensors. On by default: faster on GPUs, and on CPU
-                (oneDNN) too, by 10-45 % for the `sd` architecture in fp32 and bf16 (scripts/benchmark_codec.py).
+            channels_last: run convolutions on NHWC tensors: faster on GPUs, and with oneDNN on CPUs too
+                (`scripts/benchmark_codec.py` measures it).
         """
         config = vae.config
         self.factor = config.downsampling_factor
@@ -161,73 +163,23 @@ class Codec:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.device = torch.device(device)
-        self.dtype = dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.auto_tile_pixels = auto_tile_pixels
         self.channels_last = channels_last
         self.latent_channels = config.latent_channels
-        self.scaling_factor = config.scaling_factor
-        self.shift_factor = config.shift_factor or 0.0
+        self.normalization = LatentNormalization.of(config)
 
-        self.vae = vae.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.vae = vae.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if channels_last:
             self.vae.to(memory_format=torch.channels_last)
-        self._moments = self._compiled(self._moments_of, compile)
-        self._pixels = self._compiled(self._pixels_of, compile)
-        self._fp32_vae: AutoencoderKL | None = None  # made on the first fp16 overflow
-        self._warned_overflow = False
-
-    @property
-    def config(self):
-        return self.vae.config
-
-    # ---- the network calls, one chunk at a time ----
-
-    @staticmethod
-    def _compiled(function: Callable, compile: bool) -> Callable:
-        # Compiling these two tensor-to-tensor functions (not `vae.encode`, which returns a dataclass) is what
+        # The two tensor-to-tensor calls (not `vae.encode`, which returns a dataclass): compiling these is what
         # keeps torch.compile from breaking on encode.
-        return torch.compile(function, dynamic=False) if compile else function
-
-    def _prepare(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = x.to(device=self.device, dtype=dtype, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _moments_of(self, x: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
-        """Images (b, 3, H, W) in [-1, 1] -> Gaussian moments (b, 2C, H/f, W/f) = [mean, logvar]."""
-        return (vae or self.vae).moments(x)
-
-    def _pixels_of(self, z: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
-        """Raw latents (b, C, h, w) -> images (b, 3, h*f, w*f)."""
-        return (vae or self.vae).decode(z)
-
-    def _guarded(self, run: Callable, raw: Callable, x: torch.Tensor) -> torch.Tensor:
-        """Run one chunk in the codec's dtype; if fp16 overflowed to inf/NaN, redo it with fp32 weights.
-
-        fp16 tops out at 65504 and the SD/SDXL decoders' activations exceed it on some images (the origin of
-        the "fp16-fix" VAE). Only the chunks that overflow pay for fp32, so typical images keep fp16 speed.
-        """
-        out = run(self._prepare(x, self.dtype))
-        if self.dtype != torch.float16 or torch.isfinite(out).all():
-            return out
-        if self._fp32_vae is None:
-            # An fp32 copy of the (fp16-rounded) weights: the range of fp32, the weights the user chose.
-            self._fp32_vae = copy.deepcopy(self.vae).float()
-        if not self._warned_overflow:
-            warnings.warn(
-                "fp16 overflowed to inf/NaN in the VAE; redoing affected chunks in fp32 (warned once)",
-                RuntimeWarning, stacklevel=3,
-            )
-            self._warned_overflow = True
-        return raw(self._prepare(x, torch.float32), self._fp32_vae)
-
-    def _encode_chunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self._guarded(self._moments, self._moments_of, x).float()
-
-    def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
-        return self._guarded(self._pixels, self._pixels_of, z).float()
+        self._encoder = torch.compile(self.vae.moments, dynamic=False) if compile else self.vae.moments
+        self._decoder = torch.compile(self.vae.decode, dynamic=False) if compile else self.vae.decode
+        self._fp32_vae: AutoencoderKL | None = None  # made on the first fp16 overflow
 
     # ---- public API ----
 
@@ -240,8 +192,7 @@ class Codec:
         `generator`, on the device of the result).
         """
         posterior = self.posterior(images)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return (z - self.shift_factor) * self.scaling_factor
+        return self.normalization.normalize(posterior.sample(generator) if sample else posterior.mode())
 
     def posterior(self, images: ImageInput) -> DiagonalGaussian:
         """Images -> the posterior q(z|x) over raw (not normalised) latents, mean and logvar (B, C, H/f, W/f).
@@ -261,7 +212,7 @@ class Codec:
             device=x.device,
         )
         with torch.inference_mode():
-            self._run(self._encode_chunk, x, moments, scale=1, inverse_scale=self.factor)
+            self._fill(moments, x, encode=True)
         return DiagonalGaussian.from_moments(moments)
 
     def decode(
@@ -283,64 +234,82 @@ class Codec:
                 f"latents of shape {tuple(latents.shape)} do not fit this VAE: expected "
                 f"(B, {self.latent_channels}, h, w)"
             )
-        z = latents.float() / self.scaling_factor + self.shift_factor
+        z = self.normalization.denormalize(latents.float())
         batch, _, height, width = z.shape
         images = torch.empty(batch, 3, height * self.factor, width * self.factor, device=z.device)
         with torch.inference_mode():
-            self._run(self._decode_chunk, z, images, scale=self.factor, inverse_scale=1)
+            self._fill(images, z, encode=False)
         images.clamp_(-1.0, 1.0)
         return from_float_images(images, output)
 
-    # ---- batching and tiling ----
+    # ---- the network, chunk by chunk ----
 
-    def _run(self, network: Callable, x: torch.Tensor, out: torch.Tensor, scale: int, inverse_scale: int):
-        """Fill `out` with network(x), chunk by chunk, tiled when asked or when the output is large.
-
-        Tiles are laid out in latent units (x is `inverse_scale` times finer than latents, out is `scale`
-        times finer) so that every tile of an image starts on the encoder's stride grid.
-        """
-        latent_h, latent_w = x.shape[-2] // inverse_scale, x.shape[-1] // inverse_scale
-        pixels = latent_h * latent_w * self.factor**2
+    def _fill(self, out: torch.Tensor, x: torch.Tensor, encode: bool) -> None:
+        """out = the encoder (moments) or decoder applied to x, chunk by chunk, tiled when asked or when the
+        image is large."""
+        latent_height, latent_width = out.shape[-2:] if encode else x.shape[-2:]
         tile_size = self.tile_size
+        pixels = latent_height * latent_width * self.factor**2
         if tile_size is None and self.auto_tile_pixels is not None and pixels > self.auto_tile_pixels:
             tile_size = DEFAULT_TILE_SIZE
         tile = None if tile_size is None else tile_size // self.factor
-        if tile is None or (latent_h <= tile and latent_w <= tile):
+        if tile is None or (latent_height <= tile and latent_width <= tile):
             for start in range(0, x.shape[0], self.batch_size):
                 chunk = slice(start, start + self.batch_size)
-                out[chunk] = network(x[chunk]).to(out.device)
+                out[chunk] = self._forward(x[chunk], encode).to(out.device)
             return
         overlap = self.tile_overlap // self.factor
-        self._run_tiled(network, x, out, TileGrid.cover(latent_h, tile, overlap),
-                        TileGrid.cover(latent_w, tile, overlap), scale, inverse_scale)
+        rows = TileGrid.cover(latent_height, tile, overlap)
+        columns = TileGrid.cover(latent_width, tile, overlap)
+        self._fill_tiled(out, x, encode, rows, columns)
 
-    def _run_tiled(self, network: Callable, x: torch.Tensor, out: torch.Tensor, rows: TileGrid,
-                   cols: TileGrid, scale: int, inverse_scale: int):
-        """Blend the network's output on overlapping tiles into `out`: sum(w_t * y_t) / sum(w_t)."""
-        normaliser = tile_weight_map(rows, cols, scale).to(out.device)           # (H_out, W_out)
-        out.zero_()
-        # Every tile of every image is one job; jobs of equal tile size stack into batches.
-        jobs = [(b, i, j) for b in range(x.shape[0]) for i in range(len(rows.starts))
-                for j in range(len(cols.starts))]
-        size_in_h, size_in_w = rows.tile * inverse_scale, cols.tile * inverse_scale
-        size_out_h, size_out_w = rows.tile * scale, cols.tile * scale
-        regions, weights = {}, {}  # per tile position (i, j): where it lands and its normalised weight
+    def _fill_tiled(self, out: torch.Tensor, x: torch.Tensor, encode: bool, rows: TileGrid, columns: TileGrid):
+        """Blend the network's output on overlapping tiles into `out`: sum(w_t * y_t) / sum(w_t).
+
+        Tiles are laid out in latent pixels, so that every tile of an image starts on the encoder's stride grid.
+        """
+        x_scale, out_scale = (self.factor, 1) if encode else (1, self.factor)
+        normaliser = tile_weight_map(rows, columns, out_scale).to(out.device)   # (H_out, W_out)
+        tiles, weights = [], []
         for i, top in enumerate(rows.starts):
-            for j, left in enumerate(cols.starts):
-                region = (slice(top * scale, top * scale + size_out_h), slice(left * scale, left * scale + size_out_w))
-                weight = torch.outer(rows.weights(i, scale), cols.weights(j, scale)).to(out.device)
-                regions[i, j], weights[i, j] = region, (weight / normaliser[region]).float()
+            for j, left in enumerate(columns.starts):
+                tile = Tile(top, left, rows.tile, columns.tile)
+                weight = torch.outer(rows.weights(i, out_scale), columns.weights(j, out_scale)).to(out.device)
+                tiles.append(tile)
+                weights.append((weight / normaliser[tile.region(out_scale)]).float())
+        out.zero_()
+        # Every tile of every image is one job; all tiles have one size, so any jobs stack into a batch.
+        jobs = [(image, t) for image in range(x.shape[0]) for t in range(len(tiles))]
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start:start + self.batch_size]
-            crops = torch.stack([
-                x[b, :, rows.starts[i] * inverse_scale:][:, :size_in_h,
-                                                         cols.starts[j] * inverse_scale:][:, :, :size_in_w]
-                for b, i, j in batch
-            ])                                                                   # (n, c_in, th, tw)
-            tiles = network(crops).to(out.device)                                # (n, c_out, th', tw')
-            for tile, (b, i, j) in zip(tiles, batch, strict=True):
-                rows_out, cols_out = regions[i, j]
-                out[b, :, rows_out, cols_out] += tile * weights[i, j]
+            crops = torch.stack([x[image][tiles[t].region(x_scale)] for image, t in batch])  # (n, c, th, tw)
+            results = self._forward(crops, encode).to(out.device)                      # (n, c', th', tw')
+            for result, (image, t) in zip(results, batch, strict=True):
+                out[image][tiles[t].region(out_scale)] += result * weights[t]
+
+    def _forward(self, x: torch.Tensor, encode: bool) -> torch.Tensor:
+        """One chunk through the encoder (moments) or decoder in the codec's dtype, returned as float32.
+
+        If fp16 overflowed to inf/NaN, the chunk is redone with fp32 weights: fp16 tops out at 65504 and the
+        SD/SDXL decoders' activations exceed it on some images (the origin of the "fp16-fix" VAE). Only the
+        chunks that overflow pay for fp32, so typical images keep fp16 speed.
+        """
+        out = (self._encoder if encode else self._decoder)(self._prepare(x, self.dtype))
+        if self.dtype != torch.float16 or torch.isfinite(out).all():
+            return out.float()
+        if self._fp32_vae is None:
+            # An fp32 copy of the (fp16-rounded) weights: the range of fp32, the weights the user chose.
+            self._fp32_vae = copy.deepcopy(self.vae).float()
+            warnings.warn(
+                "fp16 overflowed to inf/NaN in the VAE; redoing affected chunks in fp32 (warned once)",
+                RuntimeWarning, stacklevel=4,
+            )
+        network = self._fp32_vae.moments if encode else self._fp32_vae.decode
+        return network(self._prepare(x, torch.float32))
+
+    def _prepare(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(device=self.device, dtype=dtype, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 # ---- image containers ----

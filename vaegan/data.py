@@ -18,13 +18,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from vaegan.images import ImageError, is_tiny, load_image
+from vaegan.images import ImageError, check_size, load_image
 from vaegan.readers import (
     DEMO_CROPS_PER_PHOTO,
     DEMO_TRAIN_PHOTOS,
     DEMO_VAL_PHOTOS,
     EvalCrop,
     ImageReader,
+    ReaderSubset,
     Skip,
     TrainCrop,
     image_column_only,
@@ -33,8 +34,6 @@ from vaegan.readers import (
     load_hub_source,
     open_reader,
     row_name,
-    subset,
-    tiny_error,
 )
 
 # A stream has no length, so a fraction cannot be held out of it: this many leading examples are, by default.
@@ -77,8 +76,7 @@ class ImageDataset(Dataset):
                 continue
             try:
                 image = self.reader.read(position)
-                if is_tiny(image.size, self.min_size):
-                    raise tiny_error(self.reader.name(position), image.size, self.min_size)
+                check_size(image.size, self.min_size, self.reader.name(position))
             except ImageError as error:
                 self._bad.add(position)
                 skipped.append((self.reader.name(position), str(error)))
@@ -124,8 +122,7 @@ class StreamingImageDataset(IterableDataset):
             name = row_name(row[self.column], f"{self.label}[{index}]")
             try:
                 image = load_image(row[self.column], name=name)
-                if is_tiny(image.size, self.min_size):
-                    raise tiny_error(name, image.size, self.min_size)
+                check_size(image.size, self.min_size, name)
             except ImageError as error:
                 skipped.append((name, str(error)))
                 continue
@@ -138,7 +135,7 @@ class StreamingImageDataset(IterableDataset):
             yield pending
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images to (B, 3, R, R); concatenate the skip reports."""
     return {
         "image": torch.stack([item["image"] for item in items]),
@@ -270,7 +267,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.val_source is not None or self.val_split is not None:
             spec = self.val_source or self.source
             val = self._reader(spec, self.val_split or self.split)
-            val = subset(val, range(min(len(val), self.val_count or len(val))))
+            val = ReaderSubset(val, range(min(len(val), self.val_count or len(val))))
         else:
             # A seeded permutation, not the first files: folders are often sorted by class or by date.
             held_out = self.val_count or max(1, round(self.val_holdout * len(train)))
@@ -280,7 +277,7 @@ class ImageDataModule(L.LightningDataModule):
                     "to train on; lower val_count / val_holdout or give val_source"
                 )
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            train, val = subset(train, sorted(order[held_out:])), subset(train, sorted(order[:held_out]))
+            train, val = ReaderSubset(train, sorted(order[held_out:])), ReaderSubset(train, sorted(order[:held_out]))
         self.train_dataset = ImageDataset(train, train_crop, self.min_size)
         self.val_dataset = ImageDataset(val, val_crop, self.min_size)
 
@@ -329,7 +326,7 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=collate,
+            collate_fn=collate_images,
             # Workers keep their copies (and the datasets' bad-index memory) across epochs, and start once.
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

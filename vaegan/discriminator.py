@@ -44,7 +44,7 @@ class PatchDiscriminator(nn.Module):
         in_channels: image channels.
         base_channels: width of the first layer (64 in pix2pix and latent diffusion).
         num_layers: number of stride-2 convs; each one doubles the receptive field (3 gives 70x70).
-        norm: `"group"` by default. The released recipe uses BatchNorm, which (REFERENCE defect 5) fails at
+        norm: `"group"` by default. The released recipe uses BatchNorm, which fails at
             batch size 1 in training mode, normalises real and fake batches with different statistics
             because they go through the network in separate calls, and under DDP needs SyncBatchNorm (the
             training module converts it on CUDA; otherwise each rank normalises with its own statistics).

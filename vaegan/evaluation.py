@@ -9,30 +9,27 @@ Protocol (what the latent-diffusion and VAE papers report, e.g. on ImageNet val 
 
 The loop goes batch by batch and, within a batch, model by model, so the images are read and cropped once and
 every model sees the same tensors; each model decodes each image once and all metrics come from that decode.
-The images that the comparison sheets show are kept while the loop runs (a fixed, evenly spaced set and the
-worst by the first model's PSNR), so nothing is decoded twice and memory does not grow with the data set.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vaegan.codec import Codec, resolve_dtype
+from vaegan.codec import Codec
+from vaegan.dtypes import resolve_dtype
 from vaegan.formats import load
 from vaegan.images import ImageError
-from vaegan.inception import InceptionFeatures, MissingInceptionWeights
+from vaegan.inception import InceptionFeatures, InceptionVariant, MissingInceptionWeights
 from vaegan.metrics import (
     MS_SSIM_MIN_SIZE,
     FeatureMoments,
-    LatentStatistics,
     frechet_distance,
     latent_bits_per_pixel,
     ms_ssim,
@@ -40,8 +37,10 @@ from vaegan.metrics import (
     ssim,
     to_uint8,
 )
+from vaegan.normalization import LatentNormalization
 from vaegan.perceptual import PerceptualLoss
-from vaegan.readers import BUILDER_PREFIXES, EvalCrop, ImageReader, Skip, open_reader
+from vaegan.readers import EvalCrop, ImageReader, Skip, open_reader
+from vaegan.report import EvaluationResult, ModelResult, SheetImage, write_report
 
 # rFID from fewer images than feature dimensions (2048) has a rank-deficient covariance and a large positive
 # bias; the number is still reported (papers use 50,000 ImageNet images), with this warning beside it.
@@ -65,61 +64,6 @@ class ModelSpec:
         return cls(Path(stripped).stem if Path(stripped).is_file() else Path(stripped).name, spec)
 
 
-@dataclass
-class ModelResult:
-    """Everything measured for one model besides the per-image rows."""
-
-    label: str
-    path: str
-    parameters: int
-    latent_shape: tuple[int, int, int]  # (C, h, w) at the evaluation resolution
-    bits_per_pixel: float
-    scaling_factor: float
-    shift_factor: float
-    statistics: LatentStatistics = field(default_factory=LatentStatistics)  # of the raw latents z
-    codec_seconds: float = 0.0  # encode + decode, summed over batches
-    rfid: float | None = None
-
-
-@dataclass
-class SheetImage:
-    """One image kept for the comparison sheets: the original and every model's reconstruction, uint8."""
-
-    index: int
-    name: str
-    selected: str  # why it is shown: "evenly spaced" or "worst PSNR"
-    original: torch.Tensor  # (3, R, R) uint8
-    reconstructions: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (3, R, R) uint8
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> {"psnr": ..., ...}
-
-
-@dataclass
-class EvaluationResult:
-    """What `evaluate` measured; `vaegan.report` turns it into files."""
-
-    data: str
-    resolution: int
-    device: str
-    dtype: str
-    models: list[ModelResult]
-    rows: list[dict[str, Any]]  # one per (model, image): {"model", "image", "psnr", "ssim", "ms_ssim", ...}
-    lpips: dict[str, str]  # net -> where its backbone came from
-    ms_ssim_note: str | None  # why MS-SSIM is n/a, or None
-    rfid_network: str | None  # which Inception, or None when rFID was skipped
-    rfid_note: str | None  # why rFID is missing, or a caveat about it
-    skipped: list[Skip]
-    sheets: list[SheetImage]
-    seconds: float
-
-    @property
-    def num_images(self) -> int:
-        return len({row["image"] for row in self.rows})
-
-    @property
-    def metric_columns(self) -> list[str]:
-        return ["psnr", "ssim", "ms_ssim", *(f"lpips_{net}" for net in self.lpips)]
-
-
 class EvalImages(Dataset):
     """Item i: `{"index", "name", "image": (3, R, R) in [-1, 1]}`, or `{"index", "name", "error"}`.
 
@@ -127,30 +71,19 @@ class EvalImages(Dataset):
     not count an image twice.
     """
 
-    def __init__(self, reader: ImageReader, resolution: int, root: str, limit: int | None = None):
-        self.reader, self.crop, self.root = reader, EvalCrop(resolution), root
+    def __init__(self, reader: ImageReader, resolution: int, limit: int | None = None):
+        self.reader, self.crop = reader, EvalCrop(resolution)
         self.length = len(reader) if limit is None else min(limit, len(reader))
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        name = image_id(self.reader.name(index), self.root)
+        name = self.reader.id(index)  # a file's path relative to the data folder: the same on every machine
         try:
             return {"index": index, "name": name, "image": self.crop(self.reader.read(index))}
         except ImageError as error:
             return {"index": index, "name": name, "error": str(error)}
-
-
-def image_id(name: str, source: str) -> str:
-    """A file's path relative to the data folder (shorter, and the same on every machine); rows stay as named."""
-    prefix, _, rest = source.partition(":")
-    root = rest if prefix in BUILDER_PREFIXES and rest else source
-    if os.path.isdir(root) and os.path.isabs(name) == os.path.isabs(root):
-        relative = os.path.relpath(name, root)
-        if not relative.startswith(".."):
-            return relative
-    return name
 
 
 def collate_named(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,141 +157,193 @@ def reconstruct_and_measure(
 
 
 def evaluate(
+    *,
     models: list[str],
     data: str,
+    output: str | None = None,
     resolution: int = 256,
     device: str | None = None,
-    dtype: str = "fp32",
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     batch_size: int = 8,
     max_images: int | None = None,
-    lpips: tuple[str, ...] = ("alex",),
+    lpips: tuple[Literal["alex", "vgg", "squeeze"], ...] = ("alex",),
     rfid: bool = True,
     inception_weights: str | None = None,
-    inception_variant: str = "auto",
+    inception_variant: InceptionVariant = "auto",
     sheets: int = 6,
     split: str = "train",
     image_column: str = "image",
     num_workers: int = 2,
-    config: str | None = None,
+    preset: str | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Reconstruct every image of `data` with every model and measure it (see the module doc).
+    """Benchmark VAEs side by side: reconstruct every image with every VAE and measure it (shorter side resized,
+    centre crop, posterior mean, uint8); with `output`, write per_image.csv, summary.json, results.md,
+    per_image.png and sheets/ there.
 
     Args:
-        models: VAEs in any format `vaegan.load` reads, as `PATH` or `LABEL=PATH`; the first is the reference
-            for choosing the worst images of the sheets.
-        data: an image folder or a `datasets` source (as the data module reads it).
+        models: VAEs in any format `vaegan.load` reads, as PATH or LABEL=PATH (the label names it in the report;
+            default: the file or folder name); the first picks the worst images for the sheets.
+        data: images: a folder (recursively) or a datasets source (imagefolder:PATH, a save_to_disk folder, a
+            hub name).
+        output: folder for the report files; None only returns the result.
         resolution: side of the square crop; 256 is the usual benchmark size.
-        device: where the VAEs and metric networks run; default CUDA when available.
-        dtype: the VAEs' precision ("fp32", "bf16", "fp16"); metric networks always run in fp32. It is also
-            the precision in which the latent's bits per pixel are counted.
+        device: cpu, cuda, cuda:1 ...; default: cuda when available.
+        dtype: the VAEs' precision, and the one the latent's bits per pixel count; metric networks always run
+            in fp32.
         batch_size: images per forward pass.
-        max_images: evaluate the first N images (in the source's sorted order) only.
-        lpips: LPIPS backbones ("alex" is the usual evaluation metric, "vgg" what the SD recipe trains with).
+        max_images: only the first N images (in the source's sorted order).
+        lpips: LPIPS backbones: alex is the usual evaluation metric; vgg (what the SD recipe trains with) needs
+            vgg16_features.safetensors in $VAEGAN_WEIGHTS_DIR. A missing one stops the run before any work; an
+            empty list skips LPIPS.
         rfid: compute rFID when Inception weights are found.
-        inception_weights, inception_variant: see `vaegan.inception`.
-        sheets: how many images get a comparison sheet: half evenly spaced, half the worst by PSNR.
-        split, image_column: for `datasets` sources.
-        num_workers: DataLoader processes decoding and cropping images.
-        config: preset name for model files that carry no config (as `vaegan.load`).
-        progress: show a progress bar with images/s.
+        inception_weights: Inception-v3 weights for rFID (safetensors); default:
+            $VAEGAN_WEIGHTS_DIR/inception_v3_features.safetensors, else rFID is skipped with a note.
+        inception_variant: which Inception the weights belong to; auto tells from the classifier's size.
+        sheets: images with a comparison sheet: half evenly spaced, half the worst by the first model's PSNR.
+        split: split of a datasets source.
+        image_column: image column of a datasets source.
+        num_workers: image decoding processes.
+        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        progress: show a progress bar with images/s, and the table at the end.
     """
+    specs = parse_model_specs(models)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
+    lpips_networks, inception, rfid_note = load_metric_networks(
+        tuple(lpips), rfid, inception_weights, inception_variant, device
+    )
+    codecs, results = open_models(specs, resolution, device, resolve_dtype(dtype), batch_size, preset)
+
+    # No size filter: the benchmark is the whole set, and the protocol resizes every image to `resolution`.
+    reader, scan_skipped = open_reader(data, split, image_column, min_size=0)
+    dataset = EvalImages(reader, resolution, limit=max_images)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_named,
+        pin_memory=device.type == "cuda",
+    )
+    run = _Run(codecs, results, lpips_networks, inception, resolution >= MS_SSIM_MIN_SIZE, sheets, len(dataset))
+    run.skipped += scan_skipped
+    bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in loader:
+            run.add(batch, device)
+            bar.update(len(batch["index"]) + len(batch["skipped"]))  # after the work: the rate is honest
+    bar.close()
+    if not run.rows:
+        raise ValueError(f"{data}: no image could be read ({len(run.skipped)} skipped)")
+    run.rows.sort(key=lambda row: [spec.label for spec in specs].index(row["model"]))  # stable: data order kept
+
+    rfid_network, rfid_note = run.finish_rfid(rfid_note)
+    ms_ssim_note = None if run.with_ms_ssim else (
+        f"MS-SSIM n/a: it needs images of at least {MS_SSIM_MIN_SIZE}x{MS_SSIM_MIN_SIZE} (the 11-tap window after "
+        f"four 2x halvings), the resolution is {resolution}"
+    )
+    result = EvaluationResult(
+        data=data, resolution=resolution, device=str(device), dtype=dtype, models=results, rows=run.rows,
+        lpips={net: network.backbone_source for net, network in lpips_networks.items()},
+        ms_ssim_note=ms_ssim_note, rfid_network=rfid_network, rfid_note=rfid_note, skipped=run.skipped,
+        sheets=sorted(run.kept.values(), key=lambda sheet: sheet.index), seconds=time.perf_counter() - started,
+    )
+    if output is not None:
+        paths = write_report(result, output)
+        if progress:
+            print(result)
+            print(f"wrote {len(paths)} files to {output} (results.md, summary.json, per_image.csv, "
+                  f"per_image.png, sheets/) in {result.seconds:.0f} s")
+    return result
+
+
+def parse_model_specs(models: list[str]) -> list[ModelSpec]:
     if not models:
         raise ValueError("give at least one model to evaluate")
     specs = [ModelSpec.parse(spec) for spec in models]
     labels = [spec.label for spec in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be distinct, got {labels}: name them with LABEL=PATH")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = resolve_dtype(dtype)
-    started = time.perf_counter()
+    return specs
 
-    lpips_networks, inception, rfid_note = load_metric_networks(
-        tuple(lpips), rfid, inception_weights, inception_variant, device
-    )
+
+def open_models(
+    specs: list[ModelSpec], resolution: int, device: torch.device, dtype: torch.dtype, batch_size: int,
+    preset: str | None,
+) -> tuple[list[Codec], list[ModelResult]]:
+    """A codec per model, and the result each fills, with what is known before any image is read."""
     codecs, results = [], []
     for spec in specs:
-        vae = load(spec.path, config=config)
+        vae = load(spec.path, config=preset)
         f = vae.config.downsampling_factor
         if resolution % f:
             raise ValueError(f"--resolution {resolution} is not a multiple of {spec.path}'s downsampling factor {f}")
         latent_shape = (vae.config.latent_channels, resolution // f, resolution // f)
         results.append(ModelResult(
             label=spec.label, path=spec.path, parameters=vae.num_parameters(), latent_shape=latent_shape,
-            bits_per_pixel=latent_bits_per_pixel(latent_shape, (resolution, resolution), torch_dtype),
-            scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.shift_factor or 0.0,
+            bits_per_pixel=latent_bits_per_pixel(latent_shape, (resolution, resolution), dtype),
+            normalization=LatentNormalization.of(vae.config),
         ))
-        codecs.append(Codec(vae, device=device, dtype=torch_dtype, batch_size=batch_size))
+        codecs.append(Codec(vae, device=device, dtype=dtype, batch_size=batch_size))
+    return codecs, results
 
-    # No size filter: the benchmark is the whole set, and the protocol resizes every image to `resolution`.
-    reader, scan_skipped = open_reader(data, split, image_column, min_size=0)
-    skipped = [(image_id(name, data), reason) for name, reason in scan_skipped]
-    dataset = EvalImages(reader, resolution, data, limit=max_images)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_named,
-        pin_memory=device.type == "cuda",
-    )
-    fixed = set(fixed_sheet_indices(sheets - sheets // 2, len(dataset)))
-    worst_count = sheets // 2
-    kept: dict[int, SheetImage] = {}
-    original_moments = FeatureMoments()
-    reconstruction_moments = {label: FeatureMoments() for label in labels}
-    rows: list[dict[str, Any]] = []
-    with_ms_ssim = resolution >= MS_SSIM_MIN_SIZE
 
-    bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode():
-        for batch in loader:
-            skipped += batch["skipped"]
-            if batch["image"] is None:
-                bar.update(len(batch["skipped"]))
-                continue
-            images = batch["image"].to(device)  # (B, 3, R, R), exact uint8 values in [-1, 1]
-            originals = to_uint8(images)
-            if inception is not None:
-                original_moments.update(inception(images))
-            for m, (codec, result) in enumerate(zip(codecs, results, strict=True)):
-                measured = reconstruct_and_measure(codec, images, lpips_networks, with_ms_ssim)
-                result.codec_seconds += measured.seconds
-                result.statistics.update(measured.latents / codec.scaling_factor + codec.shift_factor)  # raw z
-                if inception is not None:
-                    reconstruction_moments[result.label].update(inception(measured.quantised))
-                model_rows = [
-                    {"model": result.label, "image": name, **{key: v[i] for key, v in measured.values.items()}}
-                    for i, name in enumerate(batch["name"])
-                ]
-                _keep_for_sheets(kept, fixed, worst_count, batch, originals, measured.reconstructions,
-                                 result.label, model_rows, first=m == 0)
-                rows += model_rows
-            bar.update(len(batch["index"]) + len(batch["skipped"]))  # after the work: the rate is honest
-    bar.close()
-    if not rows:
-        raise ValueError(f"{data}: no image could be read ({len(skipped)} skipped)")
-    rows.sort(key=lambda row: labels.index(row["model"]))  # stable: each model's images stay in data order
+class _Run:
+    """What the loop over batches accumulates: per-image rows, latent and Inception statistics, sheet images.
 
-    rfid_network = inception.description if inception is not None else None
-    if inception is not None and original_moments.count < 2:
-        rfid_network, rfid_note = None, "rFID skipped: a covariance needs at least 2 images"
-    elif inception is not None:
-        original_gaussian = original_moments.mean_and_covariance()
-        for result in results:
-            reconstructed_gaussian = reconstruction_moments[result.label].mean_and_covariance()
+    The images that the comparison sheets show are kept as the loop runs (a fixed, evenly spaced set and the
+    worst by the first model's PSNR), so nothing is decoded twice and memory does not grow with the data set.
+    """
+
+    def __init__(self, codecs: list[Codec], results: list[ModelResult], lpips_networks: dict[str, PerceptualLoss],
+                 inception: InceptionFeatures | None, with_ms_ssim: bool, sheets: int, num_images: int):
+        self.codecs, self.results, self.lpips_networks = codecs, results, lpips_networks
+        self.inception, self.with_ms_ssim = inception, with_ms_ssim
+        self.fixed = set(fixed_sheet_indices(sheets - sheets // 2, num_images))
+        self.worst_count = sheets // 2
+        self.kept: dict[int, SheetImage] = {}
+        self.original_moments = FeatureMoments()
+        self.reconstruction_moments = {result.label: FeatureMoments() for result in results}
+        self.rows: list[dict[str, Any]] = []
+        self.skipped: list[Skip] = []
+
+    def add(self, batch: dict[str, Any], device: torch.device) -> None:
+        """Measure every model on one batch of images."""
+        self.skipped += batch["skipped"]
+        if batch["image"] is None:
+            return
+        images = batch["image"].to(device)  # (B, 3, R, R), exact uint8 values in [-1, 1]
+        originals = to_uint8(images)
+        if self.inception is not None:
+            self.original_moments.update(self.inception(images))
+        for m, (codec, result) in enumerate(zip(self.codecs, self.results, strict=True)):
+            measured = reconstruct_and_measure(codec, images, self.lpips_networks, self.with_ms_ssim)
+            result.codec_seconds += measured.seconds
+            result.normalised_statistics.update(measured.latents)
+            result.statistics.update(codec.normalization.denormalize(measured.latents))
+            if self.inception is not None:
+                self.reconstruction_moments[result.label].update(self.inception(measured.quantised))
+            model_rows = [
+                {"model": result.label, "image": name, **{key: v[i] for key, v in measured.values.items()}}
+                for i, name in enumerate(batch["name"])
+            ]
+            _keep_for_sheets(self.kept, self.fixed, self.worst_count, batch, originals, measured.reconstructions,
+                             result.label, model_rows, first=m == 0)
+            self.rows += model_rows
+
+    def finish_rfid(self, note: str | None) -> tuple[str | None, str | None]:
+        """Fill every model's rFID; returns (the network that measured it, a note about it)."""
+        if self.inception is None:
+            return None, note
+        if self.original_moments.count < 2:
+            return None, "rFID skipped: a covariance needs at least 2 images"
+        original_gaussian = self.original_moments.mean_and_covariance()
+        for result in self.results:
+            reconstructed_gaussian = self.reconstruction_moments[result.label].mean_and_covariance()
             result.rfid = frechet_distance(*original_gaussian, *reconstructed_gaussian)
-        if original_moments.count < RFID_RELIABLE_IMAGES:
-            rfid_note = (
-                f"rFID from {original_moments.count} images (< {RFID_RELIABLE_IMAGES}, Inception's feature "
+        if self.original_moments.count < RFID_RELIABLE_IMAGES:
+            note = (
+                f"rFID from {self.original_moments.count} images (< {RFID_RELIABLE_IMAGES}, Inception's feature "
                 "dimension) is strongly biased upwards: compare it only between runs on the same images"
             )
-    ms_ssim_note = None if with_ms_ssim else (
-        f"MS-SSIM n/a: it needs images of at least {MS_SSIM_MIN_SIZE}x{MS_SSIM_MIN_SIZE} (the 11-tap window after "
-        f"four 2x halvings), the resolution is {resolution}"
-    )
-    return EvaluationResult(
-        data=data, resolution=resolution, device=str(device), dtype=dtype, models=results, rows=rows,
-        lpips={net: network.backbone_source for net, network in lpips_networks.items()},
-        ms_ssim_note=ms_ssim_note, rfid_network=rfid_network, rfid_note=rfid_note, skipped=skipped,
-        sheets=sorted(kept.values(), key=lambda sheet: sheet.index), seconds=time.perf_counter() - started,
-    )
+        return self.inception.description, note
 
 
 def _keep_for_sheets(

@@ -1,51 +1,84 @@
-"""Training checkpoint -> inference VAE, with scaling and shift factors measured on real images."""
+"""Training checkpoint -> inference VAE, with its latent normalisation measured on real images."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from vaegan.autoencoder import AutoencoderKL
-from vaegan.data import ImageDataModule
-from vaegan.formats import load
+from vaegan.formats import load, save
+from vaegan.images import ImageError
 from vaegan.metrics import LatentStatistics
+from vaegan.normalization import Convention, LatentNormalization
+from vaegan.readers import DEMO_VAL_PHOTOS, EvalCrop, load_demo_photos, open_reader
 
 
 @torch.inference_mode()
-def measure_factors(
+def measure_normalization(
     vae: AutoencoderKL, data: str | None = None, resolution: int = 256, max_images: int = 512,
-    convention: str = "shift", batch_size: int = 8,
-) -> tuple[float, float, LatentStatistics]:
-    """(scaling_factor, shift_factor) that give the posterior means of `data` zero mean and unit std.
+    convention: Convention = "shift", batch_size: int = 8,
+) -> tuple[LatentNormalization, LatentStatistics]:
+    """The normalisation that gives the posterior means of `data` unit variance (and zero mean for "shift").
 
-    Images are read with the evaluation protocol (shorter side resized, centre crop); `data` is anything
-    `ImageDataModule` reads, None being the photos bundled with scikit-image (the held-out demo photos).
+    Images are read with the evaluation protocol (shorter side resized, centre crop); `data` is an image folder
+    or a `datasets` source, None the held-out demo photos bundled with scikit-image. Unreadable images are
+    skipped.
     """
-    images = ImageDataModule(
-        source=data, val_source=data, resolution=resolution, batch_size=batch_size, num_workers=0,
-        val_count=max_images, min_size=min(resolution, 64),
-    )
-    images.setup("validate")
+    if data is None:
+        reader = load_demo_photos(DEMO_VAL_PHOTOS)
+    else:
+        reader, _ = open_reader(data, "train", "image", min_size=min(resolution, 64))
+    crop = EvalCrop(resolution)
     statistics = LatentStatistics()
-    for batch in images.val_dataloader():
-        statistics.update(vae.encode(batch["image"]).mode())
+    count = min(len(reader), max_images)
+    for start in range(0, count, batch_size):
+        images = []
+        for index in range(start, min(start + batch_size, count)):
+            try:
+                images.append(crop(reader.read(index)))
+            except ImageError:
+                continue
+        if images:
+            statistics.update(vae.encode(torch.stack(images)).mode())  # (B, 3, R, R) -> (B, C, h, w)
     if statistics.mean is None:
-        raise ValueError(f"no usable images in {data!r} to measure the latent factors on")
-    scale, shift = statistics.suggested_factors(convention)
-    return scale, shift, statistics
+        raise ValueError(f"no usable images in {data!r} to measure the latent normalisation on")
+    return LatentNormalization.fit(statistics, convention), statistics
 
 
 def export(
-    checkpoint: str | Path, output: str | Path, format: str = "diffusers", weights: str = "ema",
-    data: str | None = None, convention: str = "shift", resolution: int = 256, max_images: int = 512,
+    checkpoint: str,
+    output: str,
+    format: Literal["diffusers", "single-file"] = "diffusers",
+    weights: Literal["ema", "model"] = "ema",
+    data: str | None = None,
+    convention: Convention = "shift",
+    resolution: int = 256,
+    max_images: int = 512,
     measure: bool = True,
 ) -> Path:
-    """Write the inference artifact of a training checkpoint (EMA weights by default) as safetensors."""
+    """Write the inference VAE of a training checkpoint as safetensors, its latent normalisation measured on data.
+
+    Args:
+        checkpoint: a vaegan training checkpoint (.ckpt).
+        output: output folder (diffusers) or .safetensors file (single-file).
+        format: a diffusers folder, or one file in the original naming that ComfyUI-style tools load.
+        weights: the EMA weights (the default), or the raw trained weights.
+        data: images to measure the normalisation on: a folder or a datasets source; default: the photos
+            bundled with scikit-image.
+        convention: "shift" (SD3, Flux): zero mean and unit std; "scale" (SD, SDXL): shift 0, unit std.
+        resolution: centre-crop size of the measuring images.
+        max_images: images used to measure.
+        measure: measure the normalisation; false keeps the checkpoint's factors.
+    """
     vae = load(checkpoint, weights=weights)
     if measure:
-        scale, shift, statistics = measure_factors(vae, data, resolution, max_images, convention)
-        vae.config = vae.config.replace(scaling_factor=round(scale, 5), shift_factor=round(shift, 5))
+        normalization, statistics = measure_normalization(vae, data, resolution, max_images, convention)
+        rounded = LatentNormalization(round(normalization.scaling_factor, 5), round(normalization.shift_factor, 5))
+        vae.config = rounded.into(vae.config)
         print(f"measured on {statistics.count // statistics.mean.numel()} latent positions per channel: "
-              f"scaling_factor {scale:.5f}, shift_factor {shift:.5f} ({convention} convention)")
-    return vae.save(output, format=format)
+              f"{normalization} ({convention} convention)")
+    path = save(vae, output, format=format)
+    print(f"exported {weights} weights to {path}")
+    return path

@@ -10,7 +10,7 @@ unexpected or misshapen tensor, an unreadable file, or a config that contradicts
 safetensors file in the original naming (ComfyUI, A1111, `from_single_file`), carrying our config in its
 metadata so that `load` needs no guessing. Writes are atomic: a failure never replaces a good artifact.
 
-Original naming <-> diffusers (REFERENCE.md §3): `down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder
+Original naming <-> diffusers: `down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder
 `up.(n-1-i)` <-> `up_blocks.i` (levels numbered from the lowest resolution vs. in execution order),
 `mid.attn_1.{q,k,v,proj_out}` as 1x1 convs <-> `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear.
 """
@@ -21,10 +21,7 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
+from vaegan.files import replace_folder_atomically, write_file_atomically
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -476,28 +474,8 @@ def _original_state_dict(tensors: dict[str, torch.Tensor], num_levels: int) -> d
     return renamed
 
 
-def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file beside `path`, then rename: readers see the old file or the new one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        make_readable(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def make_readable(path: Path) -> None:
-    """Give a file the permissions a plain `open` would have (mkstemp makes it private to its owner, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary folder beside `path`, then swap it in; a replaced folder is deleted only after."""
+def _check_replaceable(path: Path) -> None:
+    """Refuse to write a diffusers folder over a file, or over a folder holding anything but a diffusers VAE."""
     if path.is_file():
         raise FileExistsError(f"{path} is a file; the diffusers format writes a folder")
     if path.is_dir():
@@ -506,19 +484,6 @@ def _write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
             raise FileExistsError(
                 f"refusing to replace {path}: it holds files a diffusers VAE does not ({', '.join(foreign)})"
             )
-    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    previous = temporary.with_name(temporary.name + ".old")
-    try:
-        write(temporary)
-        if path.exists():
-            os.replace(path, previous)
-        os.replace(temporary, path)
-    except BaseException:
-        if previous.exists() and not path.exists():
-            os.replace(previous, path)  # the swap itself failed: put the old folder back
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def save(
@@ -543,7 +508,8 @@ def save(
             (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(vae.config), indent=2) + "\n")
             save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
-        _write_folder_atomically(path, write_folder)
+        _check_replaceable(path)
+        replace_folder_atomically(path, write_folder)
     else:
         original = _original_state_dict(tensors, len(vae.config.block_out_channels))
         metadata = {"format": "pt", METADATA_KEY: json.dumps(vae.config.to_dict())}

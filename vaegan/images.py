@@ -37,7 +37,7 @@ class ImageError(ValueError):
     """An image that cannot be read: the message names the file and the reason."""
 
 
-def describe(source: Any) -> str:
+def source_name(source: Any) -> str:
     """A short name for an image source, for error messages and skip reports."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
@@ -58,7 +58,7 @@ def load_image(
     The whole image is decoded here (not lazily), so truncated files fail now with an `ImageError` rather than
     later inside a transform. `name` overrides the name used in error messages.
     """
-    name = name or describe(source)
+    name = name or source_name(source)
     try:
         image = _open(source)
         image.load()  # PIL opens lazily: force the decode so truncation is caught here
@@ -171,6 +171,8 @@ def random_crop(
     return crop, (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y), flipped
 
 
-def is_tiny(image_size: tuple[int, int], min_size: int) -> bool:
-    """Whether an image (width, height) is too small to train on: upscaling it would mostly teach blur."""
-    return min(image_size) < min_size
+def check_size(size: tuple[int, int], min_size: int, name: str) -> None:
+    """Refuse an image (width, height) whose shorter side is below `min_size`: upscaling it would mostly teach or
+    measure blur. Raises `ImageError` naming the image."""
+    if min(size) < min_size:
+        raise ImageError(f"{name}: tiny ({size[0]}x{size[1]}, shorter side below min_size={min_size})")

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from vaegan.perceptual import WEIGHTS_DIR_VARIABLE, torchvision_pretrained, weights_dir_file
+from vaegan.weights import WEIGHTS_DIR_VARIABLE, torchvision_pretrained, weights_dir_file
 
 InceptionVariant = Literal["auto", "pytorch-fid", "torchvision"]
 INCEPTION_FILE = "inception_v3_features.safetensors"

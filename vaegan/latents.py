@@ -24,7 +24,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,17 +33,11 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from vaegan.codec import Codec
+from vaegan.files import read_json
 from vaegan.formats import load
-from vaegan.shards import (
-    MANIFEST_NAME,
-    decode_values,
-    file_metadata,
-    read_json,
-    shard_files,
-    tensor_columns,
-    unnested,
-    weights_sha256,
-)
+from vaegan.manifest import MANIFEST_NAME, weights_sha256
+from vaegan.normalization import LatentNormalization
+from vaegan.shards import decode_values, file_metadata, shard_files, tensor_columns, unnested
 
 # Small per-row columns, read for every row when the dataset opens.
 INDEX_COLUMNS = ["id", "index", "latent_shape", "source_height", "source_width", "crop_box"]
@@ -74,11 +68,17 @@ class LatentDataset(Dataset):
         self.path = Path(path)
         self.files = shard_files(path)
         metadata = [file_metadata(file) for file in self.files]
-        for key in ("store", "dtype", "scaling_factor", "shift_factor", "vae_sha256"):
+        for key in ("store", "dtype", "vae_sha256"):
             values = {repr(entry.get(key)) for entry in metadata}
             if len(values) > 1:
                 raise ValueError(f"{self.path}: shards disagree on {key} ({sorted(values)}); not one encoding run")
+        normalizations = {LatentNormalization.from_json(entry) for entry in metadata}
+        if len(normalizations) > 1:
+            described = sorted(map(str, normalizations))
+            raise ValueError(f"{self.path}: shards disagree on the latent normalisation ({described}); "
+                             "not one encoding run")
         self.metadata = metadata[0]
+        self.normalization = normalizations.pop()  # how the stored latents were normalised
         self.store, self.dtype = self.metadata["store"], self.metadata["dtype"]
         if sample and self.store != "posterior":
             raise ValueError(
@@ -157,12 +157,6 @@ class LatentDataset(Dataset):
         state = self.__dict__.copy()
         state["_files"] = {}
         return state
-
-    def buckets(self) -> dict[tuple[int, int, int], np.ndarray]:
-        """Item indices by latent shape (C, h, w)."""
-        keys, inverse = np.unique(self.shapes, axis=0, return_inverse=True)
-        return {tuple(int(side) for side in key): np.flatnonzero(inverse.reshape(-1) == i) for i, key in
-                enumerate(keys)}
 
     def batch_sampler(self, batch_size: int, **options: Any) -> BucketBatchSampler:
         """Batches of one latent shape each; `options` as for `BucketBatchSampler`. Shuffling goes window by
@@ -331,47 +325,55 @@ def image_path(folder: Path, name: str, suffix: str, taken: set[Path]) -> Path:
 
 
 def decode_latents(
-    latents: str | os.PathLike,
-    output: str | os.PathLike,
-    model: str | os.PathLike | None = None,
     *,
-    format: str = "png",
+    input: str,
+    output: str,
+    model: str | None = None,
+    format: Literal["png", "webp", "jpeg"] = "png",
     quality: int = 95,
     sample: bool = False,
     ids: list[str] | None = None,
     limit: int | None = None,
     device: str | None = None,
-    dtype: str = "fp32",
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     batch_size: int = 4,
     tile_size: int | None = None,
-    config: str | None = None,
+    preset: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Decode latents to image files in `output`; returns their paths.
+    """Decode latents back to images: a vaegan encode folder or shard (images named by id, in subfolders as the
+    ids have them), or a tensor file of normalised latents from a diffusion sampler. Returns the image paths.
 
     Args:
-        latents: a `vaegan encode` folder or shard file (images named by id), or a tensor file of normalised
-            latents from a sampler (.pt, .pth, .npy, .safetensors; see `read_tensor_file`).
-        model: any VAE `vaegan.load` reads; default: the VAE the manifest names, if it is still there. A VAE
-            other than the encoder is allowed (a fine-tuned decoder) but warned about.
-        format: png, webp or jpeg; `quality` for webp (100: lossless) and jpeg.
-        sample: decode a posterior sample instead of the mean (shards that store the posterior).
-        ids, limit: only these ids / only the first `limit` latents.
-        device, dtype, batch_size, tile_size, config: as for `vaegan.Codec` and `vaegan.load`; latents whose
-            image exceeds 1024^2 pixels are decoded in tiles (`Codec`'s default) so memory stays bounded.
+        input: a vaegan encode folder or shard file, or a .pt/.pth/.npy/.safetensors file of normalised latents
+            (B, C, h, w) or (C, h, w) (see `read_tensor_file`).
+        output: folder for the images.
+        model: any VAE vaegan reads; default: the one the manifest names, if it is still there. A VAE other than
+            the encoder is allowed (a fine-tuned decoder) but warned about.
+        format: image format.
+        quality: webp/jpeg quality; webp at 100 is lossless.
+        sample: decode a sample of the stored posterior instead of its mean.
+        ids: decode only these ids.
+        limit: decode only the first N latents.
+        device: cpu, cuda, cuda:N; default: cuda when available.
+        dtype: precision of the decoder.
+        batch_size: latents (or tiles) per forward pass.
+        tile_size: decode in tiles of this many pixels; default: only images above 1024^2, so memory stays
+            bounded.
+        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        progress: show a progress bar, and a summary at the end.
     """
     if format not in IMAGE_FORMATS:
         raise ValueError(f"format={format!r}; choose one of png, webp, jpeg")
     pil_format, suffix = IMAGE_FORMATS[format]
-    source, folder = Path(latents), Path(output)
+    source, folder = Path(input), Path(output)
     if source.suffix in TENSOR_SUFFIXES:
         named = read_tensor_file(source)
-        dataset, factors, expected_hash = None, None, None
+        dataset, expected_hash = None, None
         if model is None:
             raise ValueError(f"{source}: a tensor file does not say which VAE made it; pass model=")
     else:
         dataset = LatentDataset(source, sample=sample)
-        factors = (dataset.metadata["scaling_factor"], dataset.metadata["shift_factor"])
         expected_hash = dataset.metadata.get("vae_sha256")
         if model is None:
             named_model = (dataset.manifest or {}).get("vae", {}).get("source")
@@ -379,32 +381,28 @@ def decode_latents(
                 raise ValueError(f"{source}: the VAE that encoded it ({named_model or 'unknown'}) is not at hand; "
                                  "pass model=")
             model = named_model
-    vae = load(model, config=config)
+    vae = load(model, config=preset)
     if expected_hash and weights_sha256(vae) != expected_hash:
         warnings.warn(f"decoding {source} with {model}, not the VAE that encoded it (weights differ)", stacklevel=2)
     codec = Codec(vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype,
                   batch_size=batch_size, tile_size=tile_size)
-    if dataset is not None:
-        wanted = None if ids is None else set(ids)
-        selected = [i for i, name in enumerate(dataset.ids) if wanted is None or name in wanted]
-        missing = sorted((wanted or set()) - {dataset.ids[i] for i in selected})
-        if missing:
-            raise ValueError(f"{source}: no latents with ids {missing[:10]}")
-        selected = selected[:limit]
-        names = {i: dataset.ids[i] for i in selected}
-        shapes = {i: tuple(dataset.shapes[i]) for i in selected}
-    else:
-        selected = [i for i, (name, _) in enumerate(named) if ids is None or name in set(ids)][:limit]
-        names = {i: named[i][0] for i in selected}
-        shapes = {i: tuple(named[i][1].shape) for i in selected}
+    all_names = dataset.ids if dataset is not None else [name for name, _ in named]
+    all_shapes = dataset.shapes if dataset is not None else [latent.shape for _, latent in named]
+    wanted = None if ids is None else set(ids)
+    selected = [i for i, name in enumerate(all_names) if wanted is None or name in wanted]
+    missing = sorted((wanted or set()) - {all_names[i] for i in selected})
+    if missing:
+        raise ValueError(f"{source}: no latents with ids {missing[:10]}")
+    selected = selected[:limit]
+    names = {i: all_names[i] for i in selected}
+    shapes = {i: tuple(all_shapes[i]) for i in selected}
 
     def latent(position: int) -> torch.Tensor:
         """A normalised latent (C, h, w) as the decoding codec expects it."""
         if dataset is None:
             return named[position][1]
-        scale, shift = factors
-        # Stored latents are normalised with the encoder's factors; the codec undoes its own VAE's.
-        return (dataset[position]["latent"] / scale + shift - codec.shift_factor) * codec.scaling_factor
+        # Stored latents are normalised as the encoding VAE declared; the codec expects its own VAE's.
+        return codec.normalization.normalize(dataset.normalization.denormalize(dataset[position]["latent"]))
 
     # Batches of one shape, in the order the latents were listed within each shape.
     by_shape: dict[tuple, list[int]] = {}
@@ -422,4 +420,6 @@ def decode_latents(
                 image.save(path, pil_format, **save_options(pil_format, quality))
                 written.append(path)
             bar.update(len(chunk))
+    if progress:
+        print(f"wrote {len(written)} images to {folder}")
     return written

@@ -131,20 +131,6 @@ def generator_adversarial_loss(kind: GanLossKind, fake_logits: torch.Tensor) -> 
     raise ValueError(f"unknown GAN loss {kind!r}; choose 'hinge', 'vanilla' or 'non_saturating'")
 
 
-def lecam_loss(
-    real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real: torch.Tensor, ema_fake: torch.Tensor
-) -> torch.Tensor:
-    """LeCAM regulariser for the discriminator (Tseng et al. 2021), a scalar to add to its loss.
-
-    mean relu(D(x) - ema_fake)^2 + mean relu(ema_real - D(x_hat))^2 pulls the logits on real images towards
-    the running mean of the logits on fakes and vice versa, but only where they have drifted past it (the
-    relu form of the authors' code). This keeps the discriminator from growing overconfident, which matters
-    most on small data sets. The caller keeps `ema_real` / `ema_fake`, exponential moving averages (decay
-    0.99 in the paper) of the mean logits, as detached tensors or floats; weights around 0.001-0.3 are used.
-    """
-    return F.relu(real_logits - ema_fake).pow(2).mean() + F.relu(ema_real - fake_logits).pow(2).mean()
-
-
 # ---------------------------------------------------------------- balancing the adversarial term
 
 
@@ -161,11 +147,11 @@ def adaptive_gan_weight(
     is the decoder's output conv weight (Esser et al. 2021). Multiply it by the configured `disc_weight`.
 
     The norms are taken in fp32 with autocast off: under mixed precision the squared gradient norms overflow
-    or underflow in half precision, and a NaN would survive the clamp and poison every weight (REFERENCE
-    defect 4). When the ratio is not finite (a NaN or inf gradient, or an inf reconstruction gradient) the
-    weight is **0**: that step simply has no adversarial term, and the caller needs no host synchronisation
-    to check. Both gradients are taken with `retain_graph=True`, so the caller can still backpropagate the
-    total loss afterwards; neither is accumulated into `.grad`.
+    or underflow in half precision, and a NaN would survive the clamp and poison every weight (as it does in
+    the public trainers under mixed precision). When the ratio is not finite (a NaN or inf gradient, or an inf
+    reconstruction gradient) the weight is **0**: that step simply has no adversarial term, and the caller needs
+    no host synchronisation to check. Both gradients are taken with `retain_graph=True`, so the caller can still
+    backpropagate the total loss afterwards; neither is accumulated into `.grad`.
 
     Returns:
         a detached fp32 scalar tensor on the weight's device.
@@ -182,10 +168,10 @@ def gan_weight_schedule(batch_index: int, start: int, warmup: int) -> float:
     """Factor on the adversarial term: 0 before batch `start`, then a linear ramp to 1 over `warmup` batches.
 
     Counts **batches** (not Lightning's `global_step`, which advances once per optimizer, i.e. twice per
-    batch once the discriminator trains: REFERENCE defect 2). The ramp gives (n + 1) / warmup at batch
-    `start + n`: 1/warmup at `start`, 1 from `start + warmup - 1` on. `warmup` 0 (or 1) switches the term on
-    at once, as latent diffusion does; a ramp keeps a fresh discriminator from wrecking the reconstructions
-    (taming-transformers #44).
+    batch once the discriminator trains, which silently halves `disc_start` in trainers that count steps). The
+    ramp gives (n + 1) / warmup at batch `start + n`: 1/warmup at `start`, 1 from `start + warmup - 1` on.
+    `warmup` 0 (or 1) switches the term on at once, as latent diffusion does; a ramp keeps a fresh
+    discriminator from wrecking the reconstructions (taming-transformers #44).
     """
     if batch_index < start:
         return 0.0

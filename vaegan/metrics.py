@@ -1,6 +1,7 @@
 """Reconstruction metrics, one implementation for training validation and for evaluation.
 
-Conventions follow the papers (REFERENCE.md §4): images are compared as uint8 in [0, 255], PSNR is computed
+Conventions follow the papers and their evaluation scripts: images are compared as uint8 in [0, 255] (a [-1, 1]
+range mistake costs 6.02 dB), PSNR is computed
 per image and then averaged, SSIM uses an 11-tap Gaussian window (sigma 1.5) on each RGB channel, MS-SSIM the
 five standard scales. The Fréchet distance of rFID is here; its Inception features are in `inception.py`, LPIPS
 in `perceptual.py`.
@@ -44,7 +45,7 @@ def _ssim_terms(
     window = _gaussian_window().to(x.device)
     # All five local statistics of all channels of all images in one separable blur: every (B, C) plane of
     # the five maps becomes one channel of a single image, a vertical then a horizontal depthwise 11-tap pass
-    # (4-5x faster than blurring map by map, where the float64 conv loops over images and groups).
+    # (blurring map by map is slower: the float64 conv loops over images and groups).
     maps = torch.stack([x, y, x * x, y * y, x * y])                      # (5, B, C, H, W)
     planes = maps.flatten(0, 2).unsqueeze(0)                             # (1, 5BC, H, W)
     count = planes.shape[1]
@@ -212,16 +213,3 @@ class LatentStatistics:
         pooled_m2 = self.m2.sum() + (self.count * (self.mean - mean) ** 2).sum()
         std = (pooled_m2 / max(self.count * self.mean.numel() - 1, 1)).sqrt()
         return mean.item(), std.item()
-
-    def suggested_factors(self, convention: str = "shift") -> tuple[float, float]:
-        """(scaling_factor, shift_factor) that give latents zero mean and unit variance.
-
-        `convention="shift"` (SD3, Flux) removes the mean: z_model = (z - mean) / std.
-        `convention="scale"` (SD 1.x, SDXL) keeps shift 0 and scales by 1/std, as 0.18215 was measured.
-        """
-        mean, std = self.overall()
-        if convention == "shift":
-            return 1.0 / std, mean
-        if convention == "scale":
-            return 1.0 / std, 0.0
-        raise ValueError(f"convention must be 'shift' or 'scale', got {convention!r}")

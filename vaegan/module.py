@@ -34,6 +34,7 @@ from vaegan.losses import (
     reconstruction_loss,
 )
 from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
+from vaegan.normalization import LatentNormalization
 from vaegan.perceptual import PerceptualLoss
 
 # Parameters and buffers of the frozen LPIPS network in this module's state dict.
@@ -342,12 +343,14 @@ class VAEGAN(L.LightningModule):
         statistics = self._gather_latent_statistics()
         if statistics.mean is not None:
             mean, std = statistics.overall()
-            scale, shift = statistics.suggested_factors("shift")
+            suggested = LatentNormalization.fit(statistics, "shift")
+            scale_only = LatentNormalization.fit(statistics, "scale")
             self.log_dict(
                 {
                     "val/latent_mean": mean, "val/latent_std": std,
-                    "val/suggested_scaling_factor": scale, "val/suggested_shift_factor": shift,
-                    "val/suggested_scaling_factor_no_shift": statistics.suggested_factors("scale")[0],
+                    "val/suggested_scaling_factor": suggested.scaling_factor,
+                    "val/suggested_shift_factor": suggested.shift_factor,
+                    "val/suggested_scaling_factor_no_shift": scale_only.scaling_factor,
                 },
                 sync_dist=True,  # the same values on every rank already (merged above); averaging keeps them
             )

@@ -21,18 +21,15 @@ from typing import Literal
 
 import lpips
 import torch
-import torch.nn.functional as F
-import torchvision
 from safetensors.torch import load_file
 from torch import nn
+
+from vaegan.weights import WEIGHTS_DIR_VARIABLE, torchvision_pretrained, weights_dir_file
 
 PerceptualNet = Literal["vgg", "alex", "squeeze"]
 
 # The torchvision model whose `features` each LPIPS variant uses.
 TORCHVISION_MODELS: dict[str, str] = {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}
-WEIGHTS_DIR_VARIABLE = "VAEGAN_WEIGHTS_DIR"
-# Set (to anything but "" or "0") to forbid downloads: torchvision's weights are then taken from its cache only.
-OFFLINE_VARIABLE = "VAEGAN_OFFLINE"
 
 
 def backbone_file_name(net: PerceptualNet) -> str:
@@ -44,12 +41,14 @@ class PerceptualLoss(nn.Module):
     """Frozen LPIPS distance between images in [-1, 1]: (B, 3, H, W) x 2 -> (B,).
 
     Frozen means: every parameter has `requires_grad=False` and the network stays in eval mode even when a
-    parent calls `.train()` (LPIPS has Dropout before its heads, and Lightning < 2.2 switched it back on:
-    REFERENCE defect 1). Gradients still flow to the *input images*: this is what trains the decoder.
+    parent calls `.train()` (LPIPS has Dropout before its heads, which the public trainers switched back on with
+    every `.train()` of the parent on Lightning < 2.2). Gradients still flow to the *input images*: this is what
+    trains the decoder.
 
     It is a submodule of the training module so that `.to(device)` moves it, but it must be in no optimizer:
     build the optimizers from the autoencoder's parameters (and the log-variance), never from
-    `module.parameters()`. Its frozen weights are part of the checkpoint (about 59 MB for VGG16).
+    `module.parameters()`. The training module leaves its weights out of checkpoints: they are rebuilt from the
+    same weights file.
 
     Args:
         net: the backbone; `vgg` trains the latent-diffusion VAEs, `alex` is the usual evaluation metric.
@@ -104,29 +103,21 @@ class PerceptualLoss(nn.Module):
         """Ignore `mode`: the network stays in eval mode (no Dropout) for good."""
         return super().train(False)
 
-    def forward(
-        self, x: torch.Tensor, y: torch.Tensor, return_map: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """LPIPS distance per image, (B,); with `return_map`, also the spatial map (B, 1, H, W).
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image, (B,), of images in [-1, 1].
 
-        Inputs are images in [-1, 1]. The network runs in fp32 with autocast off: the unit-normalisation of
-        deep features sums hundreds of squared activations, which overflows in fp16.
+        The network runs in fp32 with autocast off: the unit-normalisation of deep features sums hundreds of
+        squared activations, which overflows in fp16.
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, y = x.float(), y.float()
             features_x = self.model.net(self.model.scaling_layer(x))
             features_y = self.model.net(self.model.scaling_layer(y))
-            layer_maps = []
+            distance = 0
             for head, fx, fy in zip(self.model.lins, features_x, features_y, strict=True):
                 difference = (lpips.normalize_tensor(fx) - lpips.normalize_tensor(fy)).pow(2)
-                layer_maps.append(head(difference))  # (B, 1, h_l, w_l)
-            distance = sum(m.mean(dim=(2, 3)) for m in layer_maps).squeeze(1)  # (B,)
-            if not return_map:
-                return distance
-            # As lpips' spatial mode: each layer's map upsampled bilinearly to the image, then summed.
-            size = x.shape[-2:]
-            spatial = sum(F.interpolate(m, size, mode="bilinear", align_corners=False) for m in layer_maps)
-            return distance, spatial  # (B,), (B, 1, H, W)
+                distance = distance + head(difference).mean(dim=(2, 3))  # (B, 1)
+            return distance.squeeze(1)
 
 
 def find_backbone(
@@ -153,29 +144,6 @@ def find_backbone(
         tried.append(f"torchvision could not load its {model_name} weights ({type(error).__name__}: {error})")
         return None, "; ".join(tried)
     return model.features.state_dict(), f"torchvision {model_name} weights (DEFAULT)"
-
-
-def weights_dir_file(file_name: str, tried: list[str]) -> Path | None:
-    """`$VAEGAN_WEIGHTS_DIR/file_name` when that file exists; otherwise None, with the reason added to `tried`."""
-    weights_dir = os.environ.get(WEIGHTS_DIR_VARIABLE)
-    if not weights_dir:
-        tried.append(f"${WEIGHTS_DIR_VARIABLE} is not set")
-        return None
-    path = Path(weights_dir) / file_name
-    if not path.is_file():
-        tried.append(f"{path} does not exist")
-        return None
-    return path
-
-
-def torchvision_pretrained(model_name: str, **kwargs) -> nn.Module:
-    """torchvision's model with its DEFAULT ImageNet weights: from its cache, else downloaded, unless
-    $VAEGAN_OFFLINE forbids downloads (tests and CI set it, so a reachable server cannot make them download)."""
-    weights = torchvision.models.get_model_weights(model_name).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if os.environ.get(OFFLINE_VARIABLE, "") not in ("", "0") and not cached.is_file():
-        raise FileNotFoundError(f"{cached} is not cached and ${OFFLINE_VARIABLE} forbids downloading it")
-    return getattr(torchvision.models, model_name)(weights=weights, **kwargs)
 
 
 def missing_weights_message(net: PerceptualNet, tried: str) -> str:

@@ -7,6 +7,7 @@ data module (`vaegan.data`) builds on these readers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ from PIL import Image
 from vaegan.images import (
     IMAGE_EXTENSIONS,
     ImageError,
-    is_tiny,
+    check_size,
     load_image,
     random_crop,
     resize_center_crop,
@@ -32,19 +33,9 @@ BUILDER_PREFIXES = ("imagefolder", "webdataset", "parquet", "arrow")
 # The demo set: real photos bundled with scikit-image (public domain / CC0), no network needed. Two photos are
 # held out whole for validation, so validation never sees a crop of a training photo.
 DEMO_TRAIN_PHOTOS = (
-    "astronaut",
-    "rocket",
-    "hubble_deep_field",
-    "motorcycle",
-    "retina",
-    "immunohistochemistry",
-    "camera",
+    "astronaut", "rocket", "hubble_deep_field", "motorcycle", "retina", "immunohistochemistry", "camera",
 )
-
-
 DEMO_VAL_PHOTOS = ("chelsea", "coffee")
-
-
 # Seven photos make a seven-sample epoch; each photo yields this many random crops per epoch instead.
 DEMO_CROPS_PER_PHOTO = 32
 
@@ -53,18 +44,29 @@ Skip = tuple[str, str]  # (file or row name, reason)
 
 
 class ImageReader(Protocol):
-    """Random access to the images of one source."""
+    """Random access to the images of one source.
+
+    `name` is for people (error messages, skip reports); `id` is the item's stable identity within the source
+    (what encoded latents and evaluation rows are keyed by); `kind` and `fingerprint` say what was listed, so that
+    a resumed encoding can tell whether the listing changed.
+    """
+
+    kind: str
 
     def __len__(self) -> int: ...
     def read(self, index: int) -> Image.Image: ...  # RGB; raises ImageError
     def name(self, index: int) -> str: ...
+    def id(self, index: int) -> str: ...
+    def fingerprint(self) -> str: ...
 
 
 class FolderImages:
-    """Image files on disk (already scanned)."""
+    """Image files under a folder, in a fixed order; an item's id is its path relative to the folder."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
+    kind = "folder"
+
+    def __init__(self, root: Path, paths: list[Path]):
+        self.root, self.paths = root, paths
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,9 +77,18 @@ class FolderImages:
     def name(self, index: int) -> str:
         return str(self.paths[index])
 
+    def id(self, index: int) -> str:
+        return self.paths[index].relative_to(self.root).as_posix()
+
+    def fingerprint(self) -> str:
+        """Changes when a file is added, removed or renamed: any of those would shift items between shards."""
+        return hashlib.sha256("\n".join(self.id(i) for i in range(len(self))).encode()).hexdigest()
+
 
 class ArrayImages:
     """Images held in memory as uint8 arrays (the demo photos)."""
+
+    kind = "arrays"
 
     def __init__(self, names: list[str], arrays: list[np.ndarray]):
         self.names, self.arrays = names, arrays
@@ -91,12 +102,24 @@ class ArrayImages:
     def name(self, index: int) -> str:
         return self.names[index]
 
+    def id(self, index: int) -> str:
+        return self.names[index]
+
+    def fingerprint(self) -> str:
+        return ",".join(self.names)
+
 
 class HubImages:
-    """One image column of a map-style `datasets.Dataset`, decoded by `load_image` rather than `datasets`."""
+    """One image column of a map-style `datasets.Dataset`, decoded by `load_image` rather than `datasets`.
 
-    def __init__(self, dataset: Any, column: str, label: str):
-        self.dataset, self.column, self.label = dataset, column, label
+    An item's id is the value of `id_column` when given, else its row index; its name is the row's file path
+    when it has one (imagefolder rows do), else `label[index]`.
+    """
+
+    kind = "dataset"
+
+    def __init__(self, dataset: Any, column: str, label: str, id_column: str | None = None):
+        self.dataset, self.column, self.label, self.id_column = dataset, column, label, id_column
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -108,12 +131,19 @@ class HubImages:
     def name(self, index: int) -> str:
         return row_name(self.dataset[index][self.column], f"{self.label}[{index}]")
 
+    def id(self, index: int) -> str:
+        return str(self.dataset[index][self.id_column]) if self.id_column else str(index)
+
+    def fingerprint(self) -> str:
+        return f"{len(self)} rows"
+
 
 class ReaderSubset:
     """Some indices of an `ImageReader`, itself an `ImageReader`."""
 
-    def __init__(self, reader: ImageReader, indices: list[int]):
-        self.reader, self.indices = reader, indices
+    def __init__(self, reader: ImageReader, indices: Any):
+        self.reader, self.indices = reader, list(indices)
+        self.kind = reader.kind
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -124,9 +154,11 @@ class ReaderSubset:
     def name(self, index: int) -> str:
         return self.reader.name(self.indices[index])
 
+    def id(self, index: int) -> str:
+        return self.reader.id(self.indices[index])
 
-def subset(reader: ImageReader, indices: Any) -> ReaderSubset:
-    return ReaderSubset(reader, list(indices))
+    def fingerprint(self) -> str:
+        return f"{self.reader.fingerprint()}[{len(self)} of them]"
 
 
 class TrainCrop:
@@ -149,10 +181,6 @@ class EvalCrop:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         crop, _ = resize_center_crop(image, self.resolution)
         return to_tensor(crop)  # (3, R, R) in [-1, 1]
-
-
-def tiny_error(name: str, size: tuple[int, int], min_size: int) -> ImageError:
-    return ImageError(f"{name}: tiny ({size[0]}x{size[1]}, shorter side below min_size={min_size})")
 
 
 def row_name(value: Any, fallback: str) -> str:
@@ -179,8 +207,7 @@ def scan_image_files(paths: list[Path], min_size: int) -> tuple[list[Path], list
                 raise ImageError(f"{path}: zero-byte file")
             with Image.open(path) as image:  # lazy: reads the header, not the pixels
                 size = image.size
-            if is_tiny(size, min_size):
-                raise tiny_error(str(path), size, min_size)
+            check_size(size, min_size, str(path))
             good.append(path)
         except ImageError as error:
             skipped.append((str(path), str(error)))
@@ -236,15 +263,29 @@ def image_column_only(dataset: Any, column: str, spec: str, keep: tuple[str, ...
     return dataset
 
 
-def open_reader(spec: str, split: str, image_column: str, min_size: int) -> tuple[ImageReader, list[Skip]]:
-    """Random access to an image folder or a map-style `datasets` source, and the files skipped on the scan."""
+def open_reader(
+    spec: str, split: str, image_column: str, min_size: int, id_column: str | None = None, scan: bool = True,
+) -> tuple[ImageReader, list[Skip]]:
+    """Random access to an image folder or a map-style `datasets` source, and the files skipped on the scan.
+
+    `scan` reads every file's header first and leaves out the unreadable and tiny ones (training, evaluation);
+    without it every file with an image extension is listed and errors surface when an image is read (dataset
+    encoding, where opening millions of headers twice would cost more than it saves).
+    """
     if is_image_folder(spec):
-        good, skipped = scan_image_files(list_image_files(Path(spec)), min_size)
-        if not good:
+        paths = list_image_files(Path(spec))
+        skipped: list[Skip] = []
+        if scan:
+            paths, skipped = scan_image_files(paths, min_size)
+        if not paths:
             raise ValueError(f"{spec}: no usable images ({len(skipped)} skipped)")
-        return FolderImages(good), skipped
-    dataset = image_column_only(load_hub_source(spec, split, False), image_column, spec)
-    return HubImages(dataset, image_column, spec), []
+        return FolderImages(Path(spec), paths), skipped
+    dataset = load_hub_source(spec, split, False)
+    names = dataset.column_names
+    if id_column and id_column not in names:
+        raise ValueError(f"{spec} has no column {id_column!r} for ids; its columns are {names}")
+    dataset = image_column_only(dataset, image_column, spec, (id_column,) if id_column else ())
+    return HubImages(dataset, image_column, spec, id_column), []
 
 
 def load_demo_photos(names: tuple[str, ...]) -> ArrayImages:

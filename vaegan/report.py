@@ -1,4 +1,4 @@
-"""The files an evaluation leaves behind: numbers to parse, a table to paste, pictures to look at.
+"""What an evaluation measured, and the files it leaves behind: numbers to parse, a table to paste, pictures.
 
     per_image.csv   one row per (model, image): psnr, ssim, ms_ssim, lpips_<net> (empty cell: n/a)
     summary.json    protocol, metric definitions and, per model, mean/std/min/max of each metric, rFID,
@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from vaegan.evaluation import EvaluationResult, ModelResult, SheetImage
-from vaegan.metrics import MS_SSIM_WEIGHTS
+from vaegan.files import write_json
+from vaegan.metrics import MS_SSIM_WEIGHTS, LatentStatistics
+from vaegan.normalization import LatentNormalization
+from vaegan.readers import Skip
 
 # Error maps share one fixed scale, so sheets of different models and runs compare: |error| of 64 (of 255,
 # averaged over RGB) and above is the brightest colour. A good VAE stays far below it; a failure saturates.
@@ -39,6 +41,68 @@ BOX_COLOUR = (230, 30, 30)
 METRIC_TITLES = {"psnr": "PSNR", "ssim": "SSIM", "ms_ssim": "MS-SSIM"}
 
 
+@dataclass
+class ModelResult:
+    """Everything measured for one model besides the per-image rows."""
+
+    label: str
+    path: str
+    parameters: int
+    latent_shape: tuple[int, int, int]  # (C, h, w) at the evaluation resolution
+    bits_per_pixel: float
+    normalization: LatentNormalization
+    statistics: LatentStatistics = field(default_factory=LatentStatistics)  # of the raw latents z
+    normalised_statistics: LatentStatistics = field(default_factory=LatentStatistics)  # what a diffusion model sees
+    codec_seconds: float = 0.0  # encode + decode, summed over batches
+    rfid: float | None = None
+
+
+@dataclass
+class SheetImage:
+    """One image kept for the comparison sheets: the original and every model's reconstruction, uint8."""
+
+    index: int
+    name: str
+    selected: str  # why it is shown: "evenly spaced" or "worst PSNR"
+    original: torch.Tensor  # (3, R, R) uint8
+    reconstructions: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (3, R, R) uint8
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> {"psnr": ..., ...}
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` measured; `vaegan.report` turns it into files."""
+
+    data: str
+    resolution: int
+    device: str
+    dtype: str
+    models: list[ModelResult]
+    rows: list[dict[str, Any]]  # one per (model, image): {"model", "image", "psnr", "ssim", "ms_ssim", ...}
+    lpips: dict[str, str]  # net -> where its backbone came from
+    ms_ssim_note: str | None  # why MS-SSIM is n/a, or None
+    rfid_network: str | None  # which Inception, or None when rFID was skipped
+    rfid_note: str | None  # why rFID is missing, or a caveat about it
+    skipped: list[Skip]
+    sheets: list[SheetImage]
+    seconds: float
+
+    @property
+    def num_images(self) -> int:
+        return len({row["image"] for row in self.rows})
+
+    @property
+    def metric_columns(self) -> list[str]:
+        return ["psnr", "ssim", "ms_ssim", *(f"lpips_{net}" for net in self.lpips)]
+
+    def __str__(self) -> str:
+        """The table and its caveats, for a terminal."""
+        lines = [markdown_table(self), self.ms_ssim_note, self.rfid_note]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} unreadable images skipped (listed in summary.json)")
+        return "\n".join(line for line in lines if line)
+
+
 def metric_title(column: str) -> str:
     """"lpips_alex" -> "LPIPS-alex": the backbone is always named, the numbers differ between them."""
     return METRIC_TITLES.get(column) or f"LPIPS-{column.removeprefix('lpips_')}"
@@ -48,10 +112,11 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, Path
     """Write every report file into `output`; returns their paths by kind."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    (output / "results.md").write_text(markdown_report(result))
     paths = {
         "csv": write_per_image_csv(result, output / "per_image.csv"),
-        "summary": write_json(summary(result), output / "summary.json"),
-        "markdown": write_text(markdown_report(result), output / "results.md"),
+        "summary": write_json(output / "summary.json", summary(result)),
+        "markdown": output / "results.md",
         "plot": per_image_plot(result, output / "per_image.png"),
     }
     sheet_folder = output / "sheets"
@@ -62,17 +127,6 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, Path
         comparison_sheet(sheet, [m.label for m in result.models], result.lpips).save(path)
         paths[f"sheet {sheet.index}"] = path
     return paths
-
-
-def write_text(text: str, path: Path) -> Path:
-    path.write_text(text)
-    return path
-
-
-def write_json(data: dict, path: Path) -> Path:
-    # allow_nan=False: a stray inf or NaN must fail here rather than write a file other tools cannot parse.
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    return path
 
 
 def write_per_image_csv(result: EvaluationResult, path: Path) -> Path:
@@ -115,8 +169,7 @@ def model_summary(result: EvaluationResult, model: ModelResult) -> dict[str, Any
     rows = model_rows(result, model.label)
     statistics = model.statistics
     mean, std = statistics.overall()
-    scale_shift, shift_shift = statistics.suggested_factors("shift")
-    scale_scale, _ = statistics.suggested_factors("scale")
+    normalised_mean, normalised_std = model.normalised_statistics.overall()
     return {
         "name": model.label,
         "path": model.path,
@@ -128,17 +181,16 @@ def model_summary(result: EvaluationResult, model: ModelResult) -> dict[str, Any
             "dtype": result.dtype,
             "bits_per_pixel": model.bits_per_pixel,
             "compression_vs_rgb8": 24.0 / model.bits_per_pixel,
-            "scaling_factor": model.scaling_factor,
-            "shift_factor": model.shift_factor,
+            **model.normalization.to_json(),
             "raw_channel_mean": statistics.mean.tolist(),
             "raw_channel_std": statistics.channel_std.tolist(),
             "raw_mean": mean,
             "raw_std": std,
-            "normalised_mean": (mean - model.shift_factor) * model.scaling_factor,
-            "normalised_std": std * model.scaling_factor,
+            "normalised_mean": normalised_mean,
+            "normalised_std": normalised_std,
             "suggested_factors": {
-                "shift": {"scaling_factor": scale_shift, "shift_factor": shift_shift},
-                "scale": {"scaling_factor": scale_scale, "shift_factor": 0.0},
+                convention: LatentNormalization.fit(statistics, convention).to_json()
+                for convention in ("shift", "scale")
             },
         },
         "images_per_second": len(rows) / model.codec_seconds if model.codec_seconds else None,

@@ -1,11 +1,7 @@
-"""The latent shard format: Parquet files that plain `datasets` reads, and the bookkeeping beside them.
-
-An output folder of `vaegan encode`:
+"""The latent shard format: Parquet files that plain `datasets` reads (`vaegan.manifest` keeps the books beside
+them: manifest.json, errors.jsonl, .progress/).
 
     OUT/train-000000.parquet ...       one file per shard holding at least one encoded image
-    OUT/manifest.json                  the VAE, factors, dtype, resolution policy, counts; "complete": true at the end
-    OUT/errors.jsonl                   one line per unusable input: {"id", "index", "shard", "reason"}
-    OUT/.progress/shard-000000.json    per-shard commit record (rows, errors); written after the shard's Parquet
 
 Shard files are named `train-*` because `datasets.load_dataset("parquet", data_dir=OUT)` then takes exactly those
 as the train split: with any other name it would also try to read manifest.json and errors.jsonl as Parquet and
@@ -33,16 +29,15 @@ back (numpy: `(bits.astype(np.uint32) << 16).view(np.float32)`; torch: `bits.vie
 Each file's schema metadata also carries the scale and shift factors, so a single shard can be decoded alone.
 
 Shards are committed in two steps, each atomic (written under a hidden temporary name, then renamed): first the
-Parquet file, then its progress record. A shard counts as done only when its record exists, so a process killed
-at any moment leaves either a done shard or one that the next run redoes and overwrites, never half of one.
+Parquet file (`ShardWriter.commit`), then its progress record (`vaegan.manifest.write_record`). A shard counts as
+done only when its record exists, so a process killed at any moment leaves either a done shard or one that the
+next run redoes and overwrites, never half of one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,14 +47,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from vaegan.autoencoder import AutoencoderKL
-from vaegan.codec import resolve_dtype
-from vaegan.formats import make_readable, write_file_atomically
+from vaegan.dtypes import resolve_dtype
+from vaegan.files import make_readable
 
 SHARD_PATTERN = "train-*.parquet"
-PROGRESS_DIR = ".progress"
-MANIFEST_NAME = "manifest.json"
-ERRORS_NAME = "errors.jsonl"
 METADATA_KEY = b"vaegan"
 FORMAT_NAME = "vaegan-latents"
 FORMAT_VERSION = 1
@@ -67,28 +58,15 @@ FORMAT_VERSION = 1
 # Stored type of each latent precision; bf16 travels as its bit pattern (see the module docstring).
 STORAGE_TYPES = {"fp32": pa.float32(), "fp16": pa.float16(), "bf16": pa.uint16()}
 STORES = ("posterior", "mean", "sample")
-# The manifest entries a rerun must agree on, or it would mix latents of different settings in one folder.
-# (The source's path is not among them: the same folder may be named differently on a rerun.)
-PLAN_KEYS = (
-    "source.kind", "source.split", "source.image_column", "source.id_column", "source.items", "source.fingerprint",
-    "shards", "resolution", "latents", "vae.sha256", "vae.scaling_factor", "vae.shift_factor",
-)
 # 1000 images per shard: at 256^2 with an f8 VAE a posterior shard is ~16 MB in fp16, at 1024^2 ~256 MB; a kill
 # loses at most one shard of work per worker, and a million images make a thousand files.
 DEFAULT_SHARD_SIZE = 1000
 # Rows per Parquet row group: random access (LatentDataset) decodes a whole group to read one row, so groups are
 # kept small; 64 rows of 4x64x64 fp16 posteriors are 4 MB.
 ROW_GROUP_SIZE = 64
-# The manifest quotes this many errors (errors.jsonl has them all), enough to see what went wrong at a glance.
-ERRORS_IN_MANIFEST = 20
-
 
 def shard_name(shard: int) -> str:
     return f"train-{shard:06d}.parquet"
-
-
-def record_path(folder: Path, shard: int) -> Path:
-    return folder / PROGRESS_DIR / f"shard-{shard:06d}.json"
 
 
 def tensor_columns(store: str) -> tuple[str, ...]:
@@ -154,19 +132,6 @@ def unnested(column: pa.Array | pa.ChunkedArray, shapes: np.ndarray) -> list[np.
     return [flat[start:start + size].reshape(shape) for start, size, shape in rows]
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (hidden temporary file, then rename): readers see no file or a whole one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(path, lambda file: file.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable ({error})") from error
-
-
 class ShardWriter:
     """The rows of one shard, written through a hidden temporary Parquet file and committed by `commit`.
 
@@ -211,7 +176,8 @@ class ShardWriter:
         self._pending, self._pending_rows = [], 0
 
     def commit(self, items: int, errors: list[dict]) -> dict:
-        """Rename the Parquet file into place, then write the progress record that marks the shard done."""
+        """Rename the Parquet file into place; returns the shard's record, which `vaegan.manifest` writes to mark
+        the shard done."""
         if self.rows + len(errors) != items:
             self.abort()
             raise RuntimeError(
@@ -230,7 +196,6 @@ class ShardWriter:
             "file": path.name if self.rows else None, "bytes": path.stat().st_size if self.rows else 0,
             "shapes": self.shapes,
         }
-        write_json(record_path(self.folder, self.shard), record)
         return record
 
     def abort(self) -> None:
@@ -239,26 +204,6 @@ class ShardWriter:
             self._writer.close()
         if self._temporary is not None:
             self._temporary.unlink(missing_ok=True)
-
-
-def read_records(folder: Path) -> dict[int, dict]:
-    """The progress records of the done shards, by shard number."""
-    records = {}
-    for path in sorted((folder / PROGRESS_DIR).glob("shard-*.json")):
-        match = re.fullmatch(r"shard-(\d+)\.json", path.name)
-        if match:
-            records[int(match[1])] = read_json(path)
-    return records
-
-
-def remove_temporary_files(folder: Path) -> None:
-    """Shard files that killed processes left half-written (only safe once every shard is done).
-
-    Not the manifest's or errors.jsonl's temporary files: another process may be finalizing at the same moment.
-    """
-    for pattern in (f".{SHARD_PATTERN}.*.tmp", f"{PROGRESS_DIR}/.shard-*.tmp"):
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
 
 
 def shard_files(path: str | os.PathLike) -> list[Path]:
@@ -285,77 +230,3 @@ def file_metadata(path: Path) -> dict:
     return json.loads(metadata[METADATA_KEY])
 
 
-# ---- the manifest ----
-
-
-def weights_sha256(vae: AutoencoderKL) -> str:
-    """sha256 over the state dict (diffusers names, sorted, as fp32): one weights, one hash, in any file format."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(vae.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
-    return digest.hexdigest()
-
-
-def _lookup(data: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def claim_output(folder: Path, manifest: dict) -> None:
-    """Write the initial manifest, or check that the one already there was written with the same settings."""
-    path = folder / MANIFEST_NAME
-    if not path.exists():
-        foreign = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
-        # Checked again after listing: whatever another rank has written implies its manifest exists by now.
-        if foreign and not path.exists():
-            raise ValueError(f"{folder} is not empty ({', '.join(foreign[:5])}) and holds no {MANIFEST_NAME}: "
-                             "encode into a new or empty folder")
-        temporary = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-        write_json(temporary, manifest)
-        try:
-            os.link(temporary, path)  # atomic and exclusive: of ranks starting together, one writes it
-        except FileExistsError:
-            pass
-        finally:
-            temporary.unlink(missing_ok=True)
-    existing = read_json(path)
-    if existing.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a vaegan latents manifest; encode into a new folder")
-    differences = [key for key in PLAN_KEYS if _lookup(existing, key) != _lookup(_as_json(manifest), key)]
-    if differences:
-        raise ValueError(
-            f"{folder} holds latents encoded with other settings or from a changed source ({', '.join(differences)} "
-            "differ); resuming would mix them. Rerun with the original settings, or encode into a new folder"
-        )
-
-
-def _as_json(data: Any) -> Any:
-    """`data` as it reads back from JSON (tuples become lists), for comparing with a manifest on disk."""
-    return json.loads(json.dumps(data))
-
-
-def finalize(folder: Path, manifest: dict) -> dict | None:
-    """If every shard is done: write errors.jsonl and the complete manifest, return the latter; else None."""
-    records = read_records(folder)
-    if any(shard not in records for shard in range(manifest["shards"]["count"])):
-        return None
-    errors = [error for shard in sorted(records) for error in records[shard]["errors"]]
-    text = "".join(json.dumps(error) + "\n" for error in errors)
-    write_file_atomically(folder / ERRORS_NAME, lambda file: file.write_text(text))
-    shapes: dict[str, int] = {}
-    for record in records.values():
-        for shape, count in record["shapes"].items():
-            shapes[shape] = shapes.get(shape, 0) + count
-    manifest = manifest | {"complete": True, "counts": {
-        "items": sum(record["items"] for record in records.values()),
-        "encoded": sum(record["rows"] for record in records.values()),
-        "errors": len(errors),
-        "files": sum(1 for record in records.values() if record["file"]),
-        "bytes": sum(record["bytes"] for record in records.values()),
-        "latent_shapes": dict(sorted(shapes.items(), key=lambda item: -item[1])),
-    }, "errors": {"file": ERRORS_NAME, "count": len(errors), "first": errors[:ERRORS_IN_MANIFEST]}}
-    write_json(folder / MANIFEST_NAME, manifest)
-    remove_temporary_files(folder)
-    return manifest

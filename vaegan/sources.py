@@ -1,72 +1,53 @@
 """What dataset encoding reads, in which order and in which shard; and the worker processes that read it.
 
 A source lists its items in a fixed order and cuts them into shards that do not depend on the run:
-  * an image folder: files with an image extension, recursively, sorted by path; shard k is items
-    [k * shard_size, (k + 1) * shard_size); an item's id is its path relative to the folder;
-  * a map-style `datasets` source: rows by index, cut the same way; id = row index, or an `id_column` value;
+  * an image folder or a map-style `datasets` source (an `ImageReader`): shard k is items
+    [k * shard_size, (k + 1) * shard_size) of the reader's order (files sorted by path, rows by index);
   * a streamed `datasets` source: shard k is all rows of the source's own shard k (usually one file), since a
     stream has no length to cut; id = "k/row", or an `id_column` value (`__key__` for webdataset).
-`ShardBatches` runs in DataLoader workers: it reads whole shards, decodes each image with `load_image`, sizes it
-with the resolution policy and yields batches of one shape, plus an end marker per shard with its errors.
+`ShardBatches` runs in DataLoader workers: it reads whole shards, decodes each image, sizes it with the
+resolution policy and yields `ImageBatch`es of one shape, then a `ShardEnd` per shard with its errors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vaegan.buckets import ResolutionPolicy
-from vaegan.images import ImageError, is_tiny, load_image
-from vaegan.readers import image_column_only, is_image_folder, list_image_files, load_hub_source, tiny_error
+from vaegan.images import ImageError, check_size, load_image
+from vaegan.readers import ImageReader, image_column_only, is_image_folder, load_hub_source, open_reader
+
+# (index within the source or source shard, id, a call that decodes the image or raises ImageError)
+Item = tuple[int, str, Callable[[], Image.Image]]
 
 
-class FolderSource:
-    """Image files under a folder, recursively, sorted by path; an item's id is its path relative to the folder."""
+class ReaderSource:
+    """An image folder or a map-style `datasets` source, cut into shards of `shard_size` items."""
 
-    kind = "folder"
-
-    def __init__(self, root: Path, shard_size: int):
-        self.root, self.shard_size = root, shard_size
-        self.names = [path.relative_to(root).as_posix() for path in list_image_files(root)]
-        self.num_items = len(self.names)
+    def __init__(self, reader: ImageReader, shard_size: int):
+        self.reader, self.shard_size = reader, shard_size
+        self.kind = reader.kind
+        self.num_items = len(reader)
         self.num_shards = math.ceil(self.num_items / shard_size)
 
     def fingerprint(self) -> str:
-        """Changes when a file is added, removed or renamed: any of those would shift items between shards."""
-        return hashlib.sha256("\n".join(self.names).encode()).hexdigest()
+        return self.reader.fingerprint()
 
-    def items(self, shard: int) -> Iterator[tuple[int, str, Any]]:
-        """(index, id, what `load_image` reads) for every item of `shard`."""
+    def shard_items(self, shard: int) -> int:
+        return min(self.shard_size, self.num_items - shard * self.shard_size)
+
+    def items(self, shard: int) -> Iterator[Item]:
         for index in range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_items)):
-            yield index, self.names[index], self.root / self.names[index]
-
-
-class DatasetSource:
-    """A map-style `datasets.Dataset`; an item's id is its row index, or the value of `id_column`."""
-
-    kind = "dataset"
-
-    def __init__(self, dataset: Any, column: str, id_column: str | None, shard_size: int):
-        self.dataset, self.column, self.id_column, self.shard_size = dataset, column, id_column, shard_size
-        self.num_items = len(dataset)
-        self.num_shards = math.ceil(self.num_items / shard_size)
-
-    def fingerprint(self) -> str:
-        return f"{self.num_items} rows"
-
-    def items(self, shard: int) -> Iterator[tuple[int, str, Any]]:
-        start = shard * self.shard_size
-        rows = self.dataset.select(range(start, min(start + self.shard_size, self.num_items)))
-        for offset, row in enumerate(rows):
-            name = str(row[self.id_column]) if self.id_column else str(start + offset)
-            yield start + offset, name, row[self.column]
+            yield index, self.reader.id(index), partial(self.reader.read, index)
 
 
 class StreamSource:
@@ -88,7 +69,7 @@ class StreamSource:
     def fingerprint(self) -> str:
         return f"{self.num_shards} source shards"
 
-    def items(self, shard: int) -> Iterator[tuple[int, str, Any]]:
+    def items(self, shard: int) -> Iterator[Item]:
         part = self.dataset.shard(num_shards=self.num_shards, index=shard)
         row = 0
         # `iter(batch_size)` rather than `for row in part`: inside a DataLoader worker, plain iteration makes
@@ -105,11 +86,11 @@ class StreamSource:
                 return
             for offset, value in enumerate(batch[self.column]):
                 name = str(batch[self.id_column][offset]) if self.id_column else f"{shard}/{row}"
-                yield row, name, value
+                yield row, name, partial(load_image, value, name=name)
                 row += 1
 
 
-Source = FolderSource | DatasetSource | StreamSource
+Source = ReaderSource | StreamSource
 
 
 def open_source(
@@ -118,65 +99,84 @@ def open_source(
 ) -> Source:
     """`input` as a source: a folder holding images, or anything `vaegan.readers.load_hub_source` opens (a local
     dataset folder, `imagefolder:PATH`, `webdataset:PATH`, `parquet:PATH`, a `save_to_disk` folder, a hub name)."""
+    if not streaming:
+        reader, _ = open_reader(input, split, image_column, min_size=0, id_column=id_column, scan=False)
+        return ReaderSource(reader, shard_size)
     if is_image_folder(input):
-        if streaming:
-            raise ValueError(f"{input} is a folder, read directly; use imagefolder:{input} to stream it")
-        return FolderSource(Path(input), shard_size)
-    dataset = load_hub_source(input, split, streaming)
+        raise ValueError(f"{input} is a folder, read directly; use imagefolder:{input} to stream it")
+    dataset = load_hub_source(input, split, streaming=True)
     names = dataset.column_names
     if id_column and names is not None and id_column not in names:
         raise ValueError(f"{input} has no column {id_column!r} for ids; its columns are {names}")
     dataset = image_column_only(dataset, image_column, input, (id_column,) if id_column else ())
-    if streaming:
-        return StreamSource(dataset, image_column, id_column, input)
-    return DatasetSource(dataset, image_column, id_column, shard_size)
+    return StreamSource(dataset, image_column, id_column, input)
 
 
 # ---- worker processes ----
 
 
-class ShardBatches(IterableDataset):
-    """Reads whole shards, sizes each image by the policy and yields batches of one shape.
+@dataclass(frozen=True)
+class ImageBatch:
+    """Images of one shard and one shape, on their way to the encoder; pixels stay uint8 until the device (4x
+    less to copy than floats)."""
 
-    Per shard: batches {"shard", "pixels": uint8 (B, 3, H, W), "id", "index", "source_size": (B, 2) as (h, w),
-    "box": (B, 4)}, a batch as soon as `batch_size` images of one shape are ready and the leftovers at the end of
-    the shard, then an end marker {"shard", "end": True, "items", "errors"}. Pixels stay uint8 until the device:
-    4x less to copy than floats.
-    """
+    shard: int
+    pixels: torch.Tensor        # (B, 3, H, W) uint8, a channels-last view of the stacked (B, H, W, 3)
+    ids: list[str]
+    indices: torch.Tensor       # (B,) int64
+    source_sizes: torch.Tensor  # (B, 2) int32: (height, width) of each source image, after EXIF rotation
+    boxes: torch.Tensor         # (B, 4) float32: (left, top, right, bottom) of the encoded region, source pixels
+
+    def pin_memory(self) -> ImageBatch:
+        """Called by a DataLoader with `pin_memory=True`."""
+        return replace(self, pixels=self.pixels.pin_memory())
+
+
+@dataclass(frozen=True)
+class ShardEnd:
+    """After the last batch of a shard: how many items it had, and the ones that could not be encoded."""
+
+    shard: int
+    items: int
+    errors: list[dict]  # {"id", "index", "shard", "reason"}
+
+
+class ShardBatches(IterableDataset):
+    """Reads whole shards, sizes each image by the policy and yields batches of one shape: per shard, a batch as
+    soon as `batch_size` images of one shape are ready and the leftovers at the end, then a `ShardEnd`."""
 
     def __init__(self, source: Source, shards: list[int], policy: ResolutionPolicy, batch_size: int):
         super().__init__()
         self.source, self.shards, self.policy, self.batch_size = source, shards, policy, batch_size
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[ImageBatch | ShardEnd]:
         worker = get_worker_info()
         shards = self.shards if worker is None else self.shards[worker.id::worker.num_workers]
         for shard in shards:
             yield from self.shard_batches(shard)
 
-    def shard_batches(self, shard: int) -> Iterator[dict[str, Any]]:
+    def shard_batches(self, shard: int) -> Iterator[ImageBatch | ShardEnd]:
         buckets: dict[tuple[int, int], list[dict]] = {}
         errors: list[dict] = []
         items = 0
-        for index, name, raw in self.source.items(shard):
+        for index, name, read in self.source.items(shard):
             items += 1
             try:
-                row = self.prepare(index, name, raw)
+                row = self.prepare(index, name, read)
             except ImageError as error:
                 errors.append({"id": name, "index": index, "shard": shard, "reason": str(error)})
                 continue
             bucket = buckets.setdefault(row["pixels"].shape[:2], [])
             bucket.append(row)
             if len(bucket) == self.batch_size:
-                yield collate(shard, buckets.pop(row["pixels"].shape[:2]))
+                yield stack_rows(shard, buckets.pop(row["pixels"].shape[:2]))
         for shape in sorted(buckets):
-            yield collate(shard, buckets[shape])
-        yield {"shard": shard, "end": True, "items": items, "errors": errors}
+            yield stack_rows(shard, buckets[shape])
+        yield ShardEnd(shard, items, errors)
 
-    def prepare(self, index: int, name: str, raw: Any) -> dict[str, Any]:
-        image = load_image(raw, name=name)
-        if is_tiny(image.size, self.policy.min_size):
-            raise tiny_error(name, image.size, self.policy.min_size)
+    def prepare(self, index: int, name: str, read: Callable[[], Image.Image]) -> dict[str, Any]:
+        image = read()
+        check_size(image.size, self.policy.min_size, name)
         try:
             pixels, box = self.policy.apply(image)
         except ImageError as error:
@@ -187,14 +187,13 @@ class ShardBatches(IterableDataset):
         }
 
 
-def collate(shard: int, rows: list[dict]) -> dict[str, Any]:
-    """Rows of one shape -> a batch; pixels (B, 3, H, W) uint8, a channels-last view of the stacked (B, H, W, 3)."""
-    pixels = torch.from_numpy(np.stack([row["pixels"] for row in rows])).permute(0, 3, 1, 2)
-    return {
-        "shard": shard,
-        "pixels": pixels,
-        "id": [row["id"] for row in rows],
-        "index": torch.tensor([row["index"] for row in rows], dtype=torch.int64),
-        "source_size": torch.tensor([row["source_size"] for row in rows], dtype=torch.int32),
-        "box": torch.tensor([row["box"] for row in rows], dtype=torch.float32),
-    }
+def stack_rows(shard: int, rows: list[dict]) -> ImageBatch:
+    """Prepared images of one shape -> a batch."""
+    return ImageBatch(
+        shard=shard,
+        pixels=torch.from_numpy(np.stack([row["pixels"] for row in rows])).permute(0, 3, 1, 2),
+        ids=[row["id"] for row in rows],
+        indices=torch.tensor([row["index"] for row in rows], dtype=torch.int64),
+        source_sizes=torch.tensor([row["source_size"] for row in rows], dtype=torch.int32),
+        boxes=torch.tensor([row["box"] for row in rows], dtype=torch.float32),
+    )
