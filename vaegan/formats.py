@@ -3,9 +3,9 @@
 `load` accepts what people actually have: a diffusers folder (`AutoencoderKL` or FLUX.2's
 `AutoencoderKLFlux2`, or a whole pipeline folder with `vae/`), a `.safetensors`/`.ckpt`/`.pt`/`.pth` file in
 diffusers or original naming, with or without the `first_stage_model.`/`vae.` prefix, also a whole Stable
-Diffusion checkpoint. It is strict: any missing, unexpected or misshapen tensor, an unreadable file, or a
-config that contradicts the weights raises `FormatError` naming the file and the keys; nothing is ever loaded
-partially.
+Diffusion checkpoint, and a hub name (`owner/name`, see `hub.py`). It is strict: any missing, unexpected or
+misshapen tensor, an unreadable file, or a config that contradicts the weights raises `FormatError` naming the
+file and the keys; nothing is ever loaded partially.
 
 `save` writes the two artifacts the ecosystem loads: a diffusers folder (`from_pretrained`) and one
 safetensors file in the original naming (ComfyUI, A1111, `from_single_file`, Black Forest Labs' FLUX.2 code),
@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vaegan import hub
 from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -389,6 +390,22 @@ def _check_fits(weights: _Weights, model_shapes: dict[str, torch.Size], config_o
     )
 
 
+def _resolve(path: str | os.PathLike, subfolder: str | None, revision: str | None) -> Path:
+    """A local file or folder; a hub name (`owner/name`, a string) only when no such local path exists."""
+    local = Path(path)
+    if local.exists() or not hub.is_repo_id(path):
+        if revision is not None:
+            raise FormatError(f"{local} is a local path: revision={revision!r} applies to hub names only")
+        return local / subfolder if subfolder else local
+    try:
+        return hub.download_folder(
+            str(path), subfolder=subfolder, revision=revision, config_name=CONFIG_NAME,
+            weights_names=WEIGHTS_CANDIDATES,
+        )
+    except hub.HubError as error:
+        raise FormatError(str(error)) from error
+
+
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """(weights file, config.json or None) for a file, a diffusers folder or a pipeline folder."""
     if not path.exists():
@@ -452,17 +469,24 @@ def _guess_factors(weights: _Weights, scaling_factor: float | None, shift_factor
 def load(
     path: str | os.PathLike,
     *,
+    subfolder: str | None = None,
+    revision: str | None = None,
     config: AutoencoderConfig | str | None = None,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
     dtype: torch.dtype | None = None,
     weights: str | None = None,
 ) -> AutoencoderKL:
-    """Load a VAE from a diffusers folder, a pipeline folder, a single weights file, or a vaegan training
-    checkpoint (its EMA weights by default; `weights="model"` for the raw trained weights), in eval mode.
+    """Load a VAE from a diffusers folder, a pipeline folder, a single weights file, a vaegan training
+    checkpoint (its EMA weights by default; `weights="model"` for the raw trained weights), or a Hugging Face
+    hub name, in eval mode.
 
     Args:
-        path: a local file or folder (a pipeline folder: its `vae/`).
+        path: a local file or folder; or a hub name `owner/name` when no such local path exists, read from
+            the Hugging Face cache, and downloaded into it unless HF_HUB_OFFLINE is set.
+        subfolder: the folder within `path` or the hub repository that holds the VAE; default: `path` itself
+            (a local pipeline folder: its `vae/`), and for a hub name the repository root, then `vae/`.
+        revision: for a hub name, the branch, tag or commit to read (default: main).
         config: the architecture, as a config or a preset name; default: the folder's config.json, else the
             file's vaegan metadata, else the tensor shapes.
         scaling_factor, shift_factor: override whatever the source says.
@@ -470,7 +494,7 @@ def load(
             (highest precision by default, as in diffusers).
         weights: for a vaegan training checkpoint, "ema" or "model".
     """
-    weights_path, config_path = _locate(Path(path))
+    weights_path, config_path = _locate(_resolve(path, subfolder, revision))
     entries, metadata = _read_tensor_file(weights_path, weights)
     weights = _vae_weights(entries, weights_path)
 
