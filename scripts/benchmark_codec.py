@@ -25,6 +25,7 @@ import torch
 
 from vaegan import AutoencoderKL, Codec, load, preset
 from vaegan.dtypes import resolve_dtype
+from vaegan.formats import diffusers_config
 
 
 def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):
@@ -41,12 +42,7 @@ def diffusers_twin(ours: AutoencoderKL):
     """diffusers' AutoencoderKL with our VAE's architecture and weights, frozen, in eval mode."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-    levels = len(ours.config.block_out_channels)
-    theirs = DiffusersAutoencoderKL(
-        **ours.config.to_dict(),
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-    )
+    theirs = DiffusersAutoencoderKL(**{k: v for k, v in diffusers_config(ours.config).items() if not k.startswith("_")})
     theirs.load_state_dict(ours.state_dict())
     return theirs.eval().requires_grad_(False)
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from vaegan.autoencoder import PRESETS
 from vaegan.discriminator import PatchDiscriminator
+from vaegan.formats import diffusers_config
 from vaegan.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
 from vaegan.metrics import psnr, to_uint8
 from vaegan.module import VAEGAN
@@ -222,12 +223,7 @@ def build_reference(module: VAEGAN, device: torch.device):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     config = module.vae.config
-    levels = len(config.block_out_channels)
-    vae = DiffusersAutoencoderKL(
-        **config.to_dict(),
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-    )
+    vae = DiffusersAutoencoderKL(**{k: v for k, v in diffusers_config(config).items() if not k.startswith("_")})
     vae.load_state_dict(module.vae.state_dict())
     torch.manual_seed(0)
     discriminator = PatchDiscriminator(in_channels=config.out_channels, norm="batch")

@@ -79,3 +79,31 @@ def test_config_round_trips_through_a_dict_and_rejects_bad_widths():
         AutoencoderConfig(block_out_channels=(48, 64), norm_num_groups=32)
     with pytest.raises(ValueError, match="unknown preset 'sd4'"):
         preset("sd4")
+
+
+def test_flux2_carries_latent_statistics_that_it_never_applies():
+    vae = AutoencoderKL(preset("flux2", block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1)).train()
+    assert [key for key in vae.state_dict() if key.startswith("bn.")] == [
+        "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"  # diffusers' names
+    ]
+    assert vae.bn.running_mean.shape == (4 * 32,) and list(vae.bn.parameters()) == []
+    vae.bn.running_mean.fill_(3.0)
+    posterior = vae.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert posterior.mean.shape == (1, 32, 8, 8)  # raw latents: patchifying and normalising is the codec's job
+    assert vae.decode(posterior.sample()).shape == (1, 3, 16, 16)
+    assert vae.bn.num_batches_tracked.item() == 0 and vae.bn.running_mean.eq(3.0).all()
+    assert AutoencoderKL.from_preset("tiny").bn is None
+
+
+def test_decoder_widths_and_latent_statistics_are_checked():
+    vae = AutoencoderKL(preset("tiny", decoder_block_out_channels=(16, 32, 64)))
+    assert vae.decoder.conv_in.weight.shape == (64, 4, 3, 3) and vae.decoder.conv_out.weight.shape == (3, 16, 3, 3)
+    with pytest.raises(ValueError, match=r"decoder_block_out_channels \(16, 40, 64\) must be multiples"):
+        preset("tiny", decoder_block_out_channels=(16, 40, 64))
+    with pytest.raises(ValueError, match="latents_mean and latents_std go together"):
+        preset("sdxl", latents_mean=(0.0,) * 4)
+    with pytest.raises(ValueError, match="latents_std must be positive"):
+        preset("sdxl", latents_mean=(0.0,) * 4, latents_std=(1.0, 1.0, 0.0, 1.0))
+    config = preset("sdxl", latents_mean=[0, 1, 2, 3], latents_std=[1, 1, 1, 1])
+    assert config.latents_mean == (0.0, 1.0, 2.0, 3.0)
+    assert AutoencoderConfig.from_dict(config.to_dict()) == config

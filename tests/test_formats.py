@@ -40,16 +40,16 @@ def images(seed: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def assert_same_outputs(ours: AutoencoderKL, reference: torch.nn.Module) -> None:
-    """Posterior mean and decode agree to 1e-5; `reference` is ours or a `diffusers.AutoencoderKL`."""
+def assert_same_outputs(ours: AutoencoderKL, reference: torch.nn.Module, atol: float = 1e-5) -> None:
+    """Posterior mean and decode agree to `atol`; `reference` is ours or a diffusers `AutoencoderKL(Flux2)`."""
     x = images()
     mean = ours.encode(x).mean
     if isinstance(reference, AutoencoderKL):
         expected_mean, expected_image = reference.encode(x).mean, reference.decode(mean)
     else:
         expected_mean, expected_image = reference.encode(x).latent_dist.mean, reference.decode(mean).sample
-    torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours.decode(mean), expected_image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mean, expected_mean, atol=atol, rtol=0)
+    torch.testing.assert_close(ours.decode(mean), expected_image, atol=atol, rtol=0)
 
 
 @contextmanager
@@ -379,3 +379,239 @@ def test_save_refuses_to_replace_a_folder_with_other_files(tmp_path):
     with pytest.raises(FileExistsError, match="model_index.json"):
         vaegan.save(small_vae(), tmp_path)
     assert (tmp_path / "unet").is_dir()
+
+
+# ------------------------------------------------------------------------------------ FLUX.2
+
+# FLUX.2-shaped (32 latent channels, quant convs, 2x2 statistics) but narrow, with a narrower decoder.
+FLUX2_SMALL = preset(
+    "flux2", block_out_channels=(32, 64), decoder_block_out_channels=(16, 32), norm_num_groups=8,
+    layers_per_block=1, sample_size=32,
+)
+
+
+def with_statistics(vae: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the `bn` buffers (the same names in ours and diffusers') values that prove they are carried."""
+    generator = torch.Generator().manual_seed(seed)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=generator))
+    vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=generator) + 0.5)
+    vae.bn.num_batches_tracked.fill_(7)
+    return vae
+
+
+def small_flux2(**overrides) -> AutoencoderKL:
+    return with_statistics(perturbed(AutoencoderKL(FLUX2_SMALL.replace(**overrides))))
+
+
+def assert_same_statistics(ours: AutoencoderKL, reference: torch.nn.Module) -> None:
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(ours.bn, name), getattr(reference.bn, name)), name
+
+
+def small_flux2_reference() -> torch.nn.Module:
+    args = {k: v for k, v in diffusers_config(FLUX2_SMALL).items() if not k.startswith("_")}
+    return with_statistics(perturbed(diffusers.AutoencoderKLFlux2(**args)))
+
+
+@pytest.fixture(scope="module")
+def full_flux2(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """diffusers' FLUX.2 VAE at the released size (its defaults) with random weights, saved once for both
+    directions; not perturbed, to stay quick (the small model proves the mapping of every tensor)."""
+    reference = with_statistics(diffusers.AutoencoderKLFlux2().eval())
+    folder = tmp_path_factory.mktemp("flux2") / "vae"
+    reference.save_pretrained(folder)
+    return reference, folder
+
+
+def test_flux2_preset_is_diffusers_flux2_default():
+    with torch.device("meta"):
+        ours, theirs = AutoencoderKL.from_preset("flux2"), diffusers.AutoencoderKLFlux2()
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert ours_shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert ours_shapes["bn.running_mean"] == (128,)  # 32 channels, patchified 2x2
+    assert ours.num_parameters() == 84_046_115
+    # Every constructor argument, as JSON writes it.
+    theirs_config = json.loads(json.dumps({k: v for k, v in theirs.config.items() if not k.startswith("_")}))
+    assert {k: diffusers_config(ours.config)[k] for k in theirs_config} == theirs_config
+
+
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_flux2_diffusers_folder_loads_with_identical_outputs(request, tmp_path, size):
+    if size == "full":
+        reference, folder = request.getfixturevalue("full_flux2")
+    else:
+        reference, folder = small_flux2_reference(), tmp_path
+        reference.save_pretrained(folder)
+
+    vae = vaegan.load(folder)
+
+    assert vae.config == (FLUX2_SMALL if size == "small" else preset("flux2"))
+    assert_same_statistics(vae, reference)
+    assert_same_outputs(vae, reference, atol=5e-5)
+
+
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_flux2_saved_folder_loads_in_diffusers_without_warnings(request, tmp_path, size):
+    vae = small_flux2() if size == "small" else vaegan.load(request.getfixturevalue("full_flux2")[1])
+    vaegan.save(vae, tmp_path / "vae")
+
+    with no_warnings_from_diffusers():
+        reference = diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path / "vae").eval()
+
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKLFlux2"
+    assert config["decoder_block_out_channels"] == (None if size == "full" else [16, 32])
+    assert reference.config.batch_norm_eps == 1e-4 and list(reference.config.patch_size) == [2, 2]
+    assert_same_statistics(vae, reference)
+    assert_same_outputs(vae, reference, atol=5e-5)
+
+
+def test_flux2_pipeline_folder_loads_its_vae(tmp_path):
+    reference = small_flux2_reference()
+    reference.save_pretrained(tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2Pipeline"}')
+    vae = vaegan.load(tmp_path)
+    assert_same_statistics(vae, reference)
+    assert_same_outputs(vae, reference)
+
+
+def test_flux2_single_file_has_black_forest_labs_names_and_round_trips_exactly(tmp_path):
+    vae = small_flux2()
+    path = vaegan.save(vae, tmp_path / "ae.safetensors", format="single-file")
+
+    with safe_open(str(path), framework="pt") as file:
+        keys, metadata = set(file.keys()), file.metadata()
+    # Black Forest Labs' AutoEncoder nests the quant convs in its encoder and decoder.
+    assert {"encoder.quant_conv.weight", "decoder.post_quant_conv.bias", "encoder.mid.attn_1.q.weight"} <= keys
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} <= keys
+    assert not any(key.startswith(("quant_conv.", "post_quant_conv.")) or "_blocks." in key for key in keys)
+    assert json.loads(metadata["vaegan_config"]) == vae.config.to_dict()
+
+    loaded = vaegan.load(path)
+    assert loaded.config == vae.config
+    state, loaded_state = vae.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[key], loaded_state[key]) for key in state)
+    # And back to the original naming: the same tensors and metadata (safetensors may order the header anew).
+    again = vaegan.save(loaded, tmp_path / "again.safetensors", format="single-file")
+    with safe_open(str(path), framework="pt") as first, safe_open(str(again), framework="pt") as second:
+        assert first.metadata() == second.metadata() and set(first.keys()) == set(second.keys())
+        assert all(torch.equal(first.get_tensor(key), second.get_tensor(key)) for key in first.keys())
+
+
+def test_flux2_original_file_without_config_or_batch_count(tmp_path):
+    # What Black Forest Labs ship: original names, no metadata; diffusers' conversion ignores the batch count.
+    vae = small_flux2(block_out_channels=(32, 64), decoder_block_out_channels=(64, 96), norm_num_groups=32)
+    vaegan.save(vae, tmp_path / "ours.safetensors", format="single-file")
+    tensors = load_file(tmp_path / "ours.safetensors")
+    del tensors["bn.num_batches_tracked"]
+    save_file(tensors, tmp_path / "ae.safetensors")
+
+    loaded = vaegan.load(tmp_path / "ae.safetensors")
+
+    assert loaded.config == vae.config.replace(sample_size=loaded.config.sample_size)
+    assert loaded.config.decoder_block_out_channels == (64, 96)
+    assert loaded.bn.num_batches_tracked.item() == 0
+    assert torch.equal(loaded.bn.running_var, vae.bn.running_var)
+    assert_same_outputs(loaded, vae)
+
+
+@pytest.mark.parametrize("format, name", [("diffusers", "vae"), ("single-file", "ae.safetensors")])
+def test_flux2_missing_statistics_are_named(tmp_path, format, name):
+    path = vaegan.save(small_flux2(), tmp_path / name, format=format)
+    weights = path / "diffusion_pytorch_model.safetensors" if format == "diffusers" else path
+    with safe_open(str(weights), framework="pt") as file:
+        tensors, metadata = {k: file.get_tensor(k) for k in file.keys()}, file.metadata()
+    quant_conv = "quant_conv.weight" if format == "diffusers" else "encoder.quant_conv.weight"  # the file's name
+    del tensors["bn.running_var"], tensors[quant_conv]
+    save_file(tensors, weights, metadata=metadata)
+    with pytest.raises(FormatError, match=rf"(?s){weights.name}.*2 missing keys: .*{quant_conv}.*bn\.running_var"):
+        vaegan.load(path)
+
+
+def test_flux2_folder_cannot_hold_scalar_factors(tmp_path):
+    vae = small_flux2(scaling_factor=0.5)
+    with pytest.raises(ValueError, match=r"AutoencoderKLFlux2 .* cannot hold \{'scaling_factor': 0\.5\}"):
+        vaegan.save(vae, tmp_path / "vae")
+    assert not (tmp_path / "vae").exists()
+
+
+# ------------------------------------------------------------------------------------ asymmetric decoders
+
+
+def test_asymmetric_decoder_matches_diffusers_decoder(tmp_path):
+    # diffusers' AutoencoderKL has one set of widths; its AutoencoderKLFlux2 builds the same decoder from
+    # decoder_block_out_channels, so it checks a plain VAE's narrower decoder too (bn left at its defaults).
+    vae = small_vae(decoder_block_out_channels=(16, 32))
+    assert vae.bn is None
+    reference = diffusers.AutoencoderKLFlux2(
+        **{k: v for k, v in diffusers_config(FLUX2_SMALL.replace(latent_channels=4)).items() if k[0] != "_"}
+    ).eval()
+    reference.load_state_dict({**vae.state_dict(), **reference.bn.state_dict(prefix="bn.")})
+    assert_same_outputs(vae, reference)
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_asymmetric_decoder_round_trips_through_a_single_file(tmp_path, metadata):
+    vae = perturbed(AutoencoderKL(preset("sd", block_out_channels=(32, 64), decoder_block_out_channels=(64, 32),
+                                         layers_per_block=1)))
+    path = vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
+    if not metadata:  # then the widths come from the shapes
+        save_file(load_file(path), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no config: the SD scaling factor is assumed, with a warning
+        loaded = vaegan.load(path)
+    assert loaded.config == vae.config.replace(sample_size=loaded.config.sample_size)
+    assert loaded.decoder.conv_in.weight.shape == (32, 4, 3, 3)  # the decoder's last level, widest here
+    assert_same_outputs(loaded, vae)
+
+
+def test_asymmetric_decoder_is_refused_for_a_diffusers_autoencoderkl_folder(tmp_path):
+    vae = small_vae(decoder_block_out_channels=(16, 32))
+    with pytest.raises(ValueError, match=r"AutoencoderKL has no decoder_block_out_channels .*\[16, 32\]"):
+        vaegan.save(vae, tmp_path / "vae")
+
+
+def test_decoder_widths_equal_to_the_encoders_are_the_default():
+    config = preset("sd", decoder_block_out_channels=(128, 256, 512, 512))
+    assert config == preset("sd") and config.decoder_block_out_channels is None
+    # A preset with other widths keeps a matching decoder.
+    assert preset("sd", block_out_channels=(32, 64)).decoder_widths == (32, 64)
+    with pytest.raises(ValueError, match="one width per level"):
+        preset("sd", decoder_block_out_channels=(128, 256))
+
+
+# ------------------------------------------------------------------------------------ per-channel statistics
+
+LATENTS_MEAN = (-1.6574, 1.886, -1.383, 2.5155)
+LATENTS_STD = (8.4927, 5.9022, 6.5498, 5.2299)
+
+
+def test_latents_mean_and_std_survive_load_save_and_diffusers(tmp_path):
+    args = {k: v for k, v in diffusers_config(CONFIGS["sd"]).items() if not k.startswith("_")}
+    args.update(latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD, scaling_factor=0.5)
+    reference = perturbed(diffusers.AutoencoderKL(**args))
+    reference.save_pretrained(tmp_path / "theirs")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vae = vaegan.load(tmp_path / "theirs")
+    assert (vae.config.latents_mean, vae.config.latents_std) == (LATENTS_MEAN, LATENTS_STD)
+
+    vaegan.save(vae, tmp_path / "ours")
+    with no_warnings_from_diffusers():
+        reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path / "ours")
+    assert tuple(reloaded.config.latents_mean) == LATENTS_MEAN
+    assert tuple(reloaded.config.latents_std) == LATENTS_STD
+    assert reloaded.config.scaling_factor == 0.5
+
+    vaegan.save(vae, tmp_path / "vae.safetensors", format="single-file")
+    assert vaegan.load(tmp_path / "vae.safetensors").config == vae.config
+
+
+def test_latents_statistics_of_the_wrong_length_are_refused(folder):
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "latents_mean": [0.0] * 3, "latents_std": [1.0] * 3}))
+    with pytest.raises(FormatError, match=r"config\.json is not a config .*latents_mean has 3 values"):
+        vaegan.load(folder)

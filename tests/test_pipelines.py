@@ -8,7 +8,9 @@ the wrong downsampling factor or latent count would otherwise run silently.
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
+import vaegan
 from vaegan import AutoencoderKL, preset, save
 
 diffusers = pytest.importorskip("diffusers")
@@ -115,4 +117,39 @@ def test_flux_pipeline(tmp_path):
     ).images
 
     assert pipe.vae.config.shift_factor == ours.config.shift_factor
+    assert_decoded_by(ours, latents, images)
+
+
+def test_flux2_pipeline_denormalises_with_our_statistics(tmp_path):
+    # 32 latent channels, quant convs, and `bn` statistics that FLUX.2's pipeline reads from the VAE.
+    ours = AutoencoderKL(preset("flux2", **TINY_F8)).eval()
+    generator = torch.Generator().manual_seed(0)
+    ours.bn.running_mean.copy_(torch.randn(ours.bn.running_mean.shape, generator=generator))
+    ours.bn.running_var.copy_(torch.rand(ours.bn.running_var.shape, generator=generator) + 0.5)
+    vaegan.save(ours, tmp_path)
+    transformer = diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * 32, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    )
+    pipe = diffusers.Flux2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None,
+        vae=diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path), transformer=transformer,
+    )
+    latents = spy_on_decode(pipe.vae)
+    final: list[torch.Tensor] = []  # the pipeline's normalised latents: (B, tokens, 4C), row-major 2x2 patches
+
+    def keep_latents(pipe, step, timestep, tensors):
+        final.append(tensors["latents"])
+        return {}
+
+    images = pipe(
+        prompt_embeds=torch.randn(1, 8, 32), height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=2,
+        output_type="np", generator=torch.Generator().manual_seed(0), callback_on_step_end=keep_latents,
+    ).images
+
+    # What the pipeline decoded is the 2x2 patches denormalised with our bn statistics and eps, unpatchified.
+    std = torch.sqrt(ours.bn.running_var + ours.config.batch_norm_eps)
+    patches = rearrange(final[-1], "b (h w) c -> b c h w", h=IMAGE_SIZE // 16) * std[:, None, None]
+    expected = rearrange(patches + ours.bn.running_mean[:, None, None], "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
+    torch.testing.assert_close(latents[0], expected, rtol=0, atol=1e-6)
     assert_decoded_by(ours, latents, images)

@@ -1,9 +1,9 @@
 """The KL autoencoder of latent diffusion (Rombach et al. 2022), in diffusers' parameter names.
 
 An encoder maps an image to a diagonal Gaussian over latents, a decoder maps latents back to the image.
-Every parameter name and config key matches `diffusers.AutoencoderKL`, so a diffusers state dict loads
-without renaming and a save is a plain file write. The network knows nothing of files: `vaegan.formats` reads
-and writes it.
+Every parameter name and config key matches `diffusers.AutoencoderKL` (FLUX.2's: `AutoencoderKLFlux2`), so a
+diffusers state dict loads without renaming and a save is a plain file write. The network knows nothing of
+files: `vaegan.formats` reads and writes it (in diffusers', CompVis' and Black Forest Labs' naming).
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """Shape-defining settings, named exactly as the keys of diffusers' `AutoencoderKL` config.json."""
+    """Shape-defining settings and latent statistics, named exactly as the keys of diffusers' config.json
+    (`AutoencoderKL`'s, and `AutoencoderKLFlux2`'s for the FLUX.2 fields)."""
 
     in_channels: int = 3
     out_channels: int = 3
     # Widths of the resolution levels; len - 1 of them halve the image, so (128, 256, 512, 512) is f8.
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    # The decoder's widths, listed like the encoder's (highest resolution first), for a decoder wider or
+    # narrower than the encoder; None: the encoder's widths, as in every released model (an equal tuple is
+    # stored as None, so that a preset with other `block_out_channels` keeps a matching decoder).
+    decoder_block_out_channels: tuple[int, ...] | None = None
     # Resnet blocks per encoder level; the decoder has one more per level (as in the released models).
     layers_per_block: int = 2
     latent_channels: int = 4
@@ -43,39 +48,87 @@ class AutoencoderConfig:
     # The image size the model was trained at; diffusers' tiling only starts above it.
     sample_size: int = 256
     act_fn: str = "silu"
+    # Per-channel latent statistics (Playground v2.5's SDXL VAE), which replace shift_factor in diffusers'
+    # pipelines: z_model = (z - latents_mean) * scaling_factor / latents_std. None: the scalar factors only.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    # FLUX.2: its pipelines patchify the posterior mean patch_size (2x2: 4 * latent_channels channels) and
+    # normalise it with the running statistics of a BatchNorm2d(affine=False), which the network carries as
+    # `bn.*` buffers and never applies itself: z_model = (patches - running_mean) / sqrt(running_var + eps).
+    # None: no such statistics (every other model). They are measured on data, and training leaves them as is.
+    patch_size: tuple[int, int] | None = None
+    batch_norm_eps: float = 1e-4
+    batch_norm_momentum: float = 0.1  # what the statistics were averaged with; kept so that configs round-trip
 
     def __post_init__(self):
+        def tuple_or_none(values, kind=int):
+            return None if values is None else tuple(kind(value) for value in values)
+
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        decoder_widths = tuple_or_none(self.decoder_block_out_channels)
+        if decoder_widths == self.block_out_channels:
+            decoder_widths = None
+        object.__setattr__(self, "decoder_block_out_channels", decoder_widths)
+        object.__setattr__(self, "patch_size", tuple_or_none(self.patch_size))
+        object.__setattr__(self, "latents_mean", tuple_or_none(self.latents_mean, float))
+        object.__setattr__(self, "latents_std", tuple_or_none(self.latents_std, float))
         if self.act_fn != "silu":
             raise ValueError(f"act_fn={self.act_fn!r} is not supported; every public VAE uses 'silu'")
-        for width in self.block_out_channels:
-            if width % self.norm_num_groups:
-                raise ValueError(
-                    f"block_out_channels {self.block_out_channels} must be multiples of "
-                    f"norm_num_groups={self.norm_num_groups}"
-                )
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            widths = getattr(self, name) or ()
+            if any(width % self.norm_num_groups for width in widths):
+                raise ValueError(f"{name} {widths} must be multiples of norm_num_groups={self.norm_num_groups}")
+        if len(self.decoder_widths) != len(self.block_out_channels):
+            raise ValueError(
+                f"decoder_block_out_channels {self.decoder_block_out_channels} must have one width per level of "
+                f"block_out_channels {self.block_out_channels}"
+            )
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ValueError("latents_mean and latents_std go together: diffusers' pipelines use neither alone")
+        for name in ("latents_mean", "latents_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.latent_channels:
+                raise ValueError(f"{name} has {len(values)} values for latent_channels={self.latent_channels}")
+        if self.latents_std is not None and min(self.latents_std) <= 0:
+            raise ValueError(f"latents_std must be positive, got {self.latents_std}")
+        if self.patch_size is not None and (len(self.patch_size) != 2 or min(self.patch_size) < 1):
+            raise ValueError(f"patch_size must be two positive sizes (FLUX.2: [2, 2]), got {self.patch_size}")
 
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """The decoder's widths, highest resolution first (its last level runs first)."""
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def batch_norm_channels(self) -> int:
+        """Channels of the patchified latent that the `bn` statistics describe (FLUX.2: 32 * 2 * 2 = 128)."""
+        if self.patch_size is None:
+            raise ValueError("this config has no patch_size, so the network carries no latent statistics")
+        return self.latent_channels * self.patch_size[0] * self.patch_size[1]
 
     def replace(self, **changes) -> AutoencoderConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         """The config as plain JSON types (lists, not tuples)."""
-        data = dataclasses.asdict(self)
-        data["block_out_channels"] = list(self.block_out_channels)
-        return data
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> AutoencoderConfig:
-        """Build from a config dict (ours or diffusers'), ignoring keys that do not define the network."""
+    def from_dict(cls, data: dict, defaults: AutoencoderConfig | None = None) -> AutoencoderConfig:
+        """Build from a config dict (ours or diffusers'), ignoring keys that do not define the network; keys
+        that `data` lacks take their values from `defaults` (else from this dataclass)."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         if values.get("shift_factor") is None:
             values.pop("shift_factor", None)  # diffusers writes null when unused
-        return cls(**values)
+        return (defaults or cls()).replace(**values)
 
 
 # The released architectures, with the factors their diffusers configs declare (SD 1.x/2.x, SDXL, SD3, Flux.1:
@@ -91,6 +144,12 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "flux": AutoencoderConfig(
         latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
         scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024,
+    ),
+    # FLUX.2 (Black Forest Labs 2025): SD's network with 32 latent channels and its latent statistics as `bn`
+    # buffers; no scalar factors, as its pipelines normalise with those statistics alone.
+    "flux2": AutoencoderConfig(
+        latent_channels=32, patch_size=(2, 2), batch_norm_eps=1e-4, batch_norm_momentum=0.1,
+        scaling_factor=1.0, shift_factor=0.0, sample_size=1024,
     ),
     "tiny": AutoencoderConfig(
         block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=4, norm_num_groups=16,
@@ -279,7 +338,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
-        widths, groups = config.block_out_channels[::-1], config.norm_num_groups
+        widths, groups = config.decoder_widths[::-1], config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock2D(widths[0], groups, config.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
@@ -340,6 +399,16 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
+        # FLUX.2's latent statistics, as diffusers names them (bn.running_mean, bn.running_var,
+        # bn.num_batches_tracked); never called here: encode and decode work on raw latents, like diffusers'.
+        self.bn = (
+            nn.BatchNorm2d(
+                self.config.batch_norm_channels, eps=self.config.batch_norm_eps,
+                momentum=self.config.batch_norm_momentum, affine=False,
+            )
+            if self.config.patch_size is not None
+            else None
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AutoencoderKL:

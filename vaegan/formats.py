@@ -1,24 +1,29 @@
-"""Read and write VAEs as diffusers folders and as single files in the original (CompVis) naming.
+"""Read and write VAEs as diffusers folders and as single files in the original (CompVis, BFL) naming.
 
-`load` accepts what people actually have: a diffusers folder (or a whole pipeline folder with `vae/`), a
-`.safetensors`/`.ckpt`/`.pt`/`.pth` file in diffusers or original naming, with or without the
-`first_stage_model.`/`vae.` prefix, also a whole Stable Diffusion checkpoint. It is strict: any missing,
-unexpected or misshapen tensor, an unreadable file, or a config that contradicts the weights raises
-`FormatError` naming the file and the keys; nothing is ever loaded partially.
+`load` accepts what people actually have: a diffusers folder (`AutoencoderKL` or FLUX.2's
+`AutoencoderKLFlux2`, or a whole pipeline folder with `vae/`), a `.safetensors`/`.ckpt`/`.pt`/`.pth` file in
+diffusers or original naming, with or without the `first_stage_model.`/`vae.` prefix, also a whole Stable
+Diffusion checkpoint, and a hub name (`owner/name`, see `hub.py`). It is strict: any missing, unexpected or
+misshapen tensor, an unreadable file, or a config that contradicts the weights raises `FormatError` naming the
+file and the keys; nothing is ever loaded partially.
 
 `save` writes the two artifacts the ecosystem loads: a diffusers folder (`from_pretrained`) and one
-safetensors file in the original naming (ComfyUI, A1111, `from_single_file`), carrying our config in its
-metadata so that `load` needs no guessing. Writes are atomic: a failure never replaces a good artifact.
+safetensors file in the original naming (ComfyUI, A1111, `from_single_file`, Black Forest Labs' FLUX.2 code),
+carrying our config in its metadata so that `load` needs no guessing. Writes are atomic: a failure never
+replaces a good artifact.
 
-Original naming <-> diffusers: `down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder
-`up.(n-1-i)` <-> `up_blocks.i` (levels numbered from the lowest resolution vs. in execution order),
-`mid.attn_1.{q,k,v,proj_out}` as 1x1 convs <-> `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear.
+Original naming <-> diffusers: `down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder `up.(n-1-i)` <->
+`up_blocks.i` (levels numbered from the lowest resolution vs. in execution order), `mid.attn_1.{q,k,v,proj_out}`
+as 1x1 convs <-> `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear. FLUX.2's original files (Black
+Forest Labs' `ae.safetensors`) also nest the quant convs: `encoder.quant_conv` <-> `quant_conv`,
+`decoder.post_quant_conv` <-> `post_quant_conv`; its `bn.*` statistics have the same names in both.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import re
 import warnings
@@ -30,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vaegan import hub
 from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from vaegan.files import replace_folder_atomically, write_file_atomically
 
@@ -51,6 +57,26 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 # ldm's VAE training checkpoints also hold the loss (LPIPS, discriminator, logvar): not part of the VAE.
 TRAINING_LOSS_PREFIX = "loss."
 MAX_LISTED_KEYS = 10
+
+# The config.json keys of each diffusers class, beyond `_class_name`: its constructor's arguments, and so the
+# only keys `from_pretrained` takes without a warning (it ignores the others, and so does `load`).
+_SHARED_KEYS = (
+    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "act_fn", "latent_channels",
+    "norm_num_groups", "sample_size", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
+)
+DIFFUSERS_KEYS = {
+    "AutoencoderKL": (
+        *_SHARED_KEYS, "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
+    ),
+    # No scalar normalisation: FLUX.2's pipelines normalise with the `bn` statistics alone.
+    "AutoencoderKLFlux2": (
+        *_SHARED_KEYS, "decoder_block_out_channels", "batch_norm_eps", "batch_norm_momentum", "patch_size",
+    ),
+}
+# A count of the batches behind FLUX.2's statistics, which nothing reads once they are measured. diffusers'
+# FLUX.2 conversion carries only running_mean and running_var, and torch's BatchNorm loader starts a count
+# that a state dict lacks at 0: so does `load`; every other tensor must be in the file.
+BATCHES_TRACKED = "bn.num_batches_tracked"
 
 # (original, diffusers) name fragments; `{i}` is a number carried across. The decoder's level index is
 # additionally reversed (see `_reverse_up_levels`). Every fragment is dot-delimited, so no rule can
@@ -77,6 +103,9 @@ _LEGACY_ATTENTION = [
     (".attentions.0.value.", ".attentions.0.to_v."),
     (".attentions.0.proj_attn.", ".attentions.0.to_out.0."),
 ]
+# Black Forest Labs' FLUX.2 autoencoder keeps the quant convs inside its encoder and decoder; CompVis, sgm and
+# diffusers keep them at the top level. (top level, nested) prefixes.
+_NESTED_QUANT_CONVS = [("quant_conv.", "encoder.quant_conv."), ("post_quant_conv.", "decoder.post_quant_conv.")]
 _ATTENTION_PROJECTIONS = re.compile(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 _ORIGINAL_NAMING = re.compile(r"^(encoder|decoder)\.(down|up|mid)\.")
 
@@ -105,14 +134,22 @@ def _reverse_up_levels(key: str, prefix: str, num_levels: int) -> str:
     )
 
 
-def to_original_name(key: str, num_levels: int) -> str:
+def to_original_name(key: str, num_levels: int, nested_quant_convs: bool = False) -> str:
     """diffusers name -> original name, e.g. `decoder.up_blocks.0.resnets.1.conv1.weight` ->
-    `decoder.up.3.block.1.conv1.weight` for 4 levels."""
+    `decoder.up.3.block.1.conv1.weight` for 4 levels; `nested_quant_convs` for Black Forest Labs' FLUX.2
+    naming (`quant_conv.weight` -> `encoder.quant_conv.weight`)."""
+    if nested_quant_convs:
+        for top_level, nested in _NESTED_QUANT_CONVS:
+            if key.startswith(top_level):
+                key = nested + key[len(top_level):]
     return _reverse_up_levels(_rename(key, _RENAMES, to_diffusers=False), "up", num_levels)
 
 
 def to_diffusers_name(key: str, num_levels: int) -> str:
-    """Original name -> diffusers name; the inverse of `to_original_name`."""
+    """Original name (CompVis or Black Forest Labs) -> diffusers name; the inverse of `to_original_name`."""
+    for top_level, nested in _NESTED_QUANT_CONVS:
+        if key.startswith(nested):
+            key = top_level + key[len(nested):]
     return _rename(_reverse_up_levels(key, "up", num_levels), _RENAMES, to_diffusers=True)
 
 
@@ -128,11 +165,13 @@ class _Weights:
     prefix: str = ""
     original_naming: bool = False
     num_levels: int = 0
+    nested_quant_convs: bool = False
 
     def file_name(self, key: str) -> str:
         """The name the file uses (or would use) for one of our keys, for error messages."""
-        name = to_original_name(key, self.num_levels) if self.original_naming else key
-        return self.prefix + name
+        if self.original_naming:
+            key = to_original_name(key, self.num_levels, self.nested_quant_convs)
+        return self.prefix + key
 
 
 def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str, object], dict[str, str]]:
@@ -233,6 +272,7 @@ def _vae_weights(entries: dict[str, object], path: Path) -> _Weights:
         raise FormatError(f"{path} holds no VAE weights (no encoder./decoder. keys)")
 
     original_naming = any(_ORIGINAL_NAMING.match(key) for key in selected)
+    nested_quant_convs = any(key.startswith(nested) for key in selected for _, nested in _NESTED_QUANT_CONVS)
     num_levels = 0
     tensors = {}
     if original_naming:
@@ -246,7 +286,7 @@ def _vae_weights(entries: dict[str, object], path: Path) -> _Weights:
         if _ATTENTION_PROJECTIONS.search(name) and tensor.ndim > 2:
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # 1x1 conv [C, C, 1, 1] -> Linear
         tensors[name] = tensor
-    return _Weights(tensors, path, prefix, original_naming, num_levels)
+    return _Weights(tensors, path, prefix, original_naming, num_levels, nested_quant_convs)
 
 
 def _indices(tensors: dict[str, torch.Tensor], pattern: str) -> set[int]:
@@ -271,25 +311,48 @@ def _infer_config(weights: _Weights, **factors: float) -> AutoencoderConfig:
 
     `norm_num_groups` leaves no trace in the shapes: it is 32 here, as in every public VAE; a model trained
     with other groups needs `config=` (our own single files carry their config, so this is for others').
+    Neither does FLUX.2's `batch_norm_eps`: its 1e-4 is assumed wherever `bn` statistics are present.
     """
     levels = len(_indices(weights.tensors, r"encoder\.down_blocks\.(\d+)\."))
     widths = tuple(
         _shape(weights, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels)
     )
+    # up_blocks run from the lowest resolution up, so they list the decoder's widths in reverse.
+    up_levels = len(_indices(weights.tensors, r"decoder\.up_blocks\.(\d+)\."))
+    decoder_widths = tuple(
+        _shape(weights, f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in reversed(range(up_levels))
+    )
+    latent_channels = _shape(weights, "decoder.conv_in.weight")[1]
     try:
         return AutoencoderConfig(
             in_channels=_shape(weights, "encoder.conv_in.weight")[1],
             out_channels=_shape(weights, "decoder.conv_out.weight")[0],
             block_out_channels=widths,
+            decoder_block_out_channels=decoder_widths or None,  # none at all: the key check names them
             layers_per_block=len(_indices(weights.tensors, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
-            latent_channels=_shape(weights, "decoder.conv_in.weight")[1],
+            latent_channels=latent_channels,
             mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in weights.tensors,
             use_quant_conv="quant_conv.weight" in weights.tensors,
             use_post_quant_conv="post_quant_conv.weight" in weights.tensors,
+            patch_size=_infer_patch_size(weights, latent_channels),
             **factors,
         )
     except ValueError as error:
         raise FormatError(f"{weights.path}: the weights imply an unsupported model ({error})") from error
+
+
+def _infer_patch_size(weights: _Weights, latent_channels: int) -> tuple[int, int] | None:
+    """The square patch whose patchified latent the `bn` statistics describe (FLUX.2: 128 = 32 x 2 x 2)."""
+    if "bn.running_mean" not in weights.tensors:
+        return None
+    channels = _shape(weights, "bn.running_mean")[0]
+    side = math.isqrt(channels // latent_channels)
+    if side * side * latent_channels != channels:
+        raise FormatError(
+            f"{weights.path}: {weights.file_name('bn.running_mean')} has {channels} channels, which is not "
+            f"{latent_channels} latent channels times a square patch"
+        )
+    return side, side
 
 
 def _architecture_differences(config: AutoencoderConfig, weights: _Weights) -> list[str]:
@@ -298,8 +361,8 @@ def _architecture_differences(config: AutoencoderConfig, weights: _Weights) -> l
         inferred = _infer_config(weights)
     except FormatError:
         return []  # the key check that follows reports what is missing
-    fields = ["in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
-              "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"]
+    fields = ["in_channels", "out_channels", "block_out_channels", "decoder_block_out_channels", "layers_per_block",
+              "latent_channels", "mid_block_add_attention", "use_quant_conv", "use_post_quant_conv", "patch_size"]
     return [
         f"{name}={getattr(config, name)!r} but the weights have {getattr(inferred, name)!r}"
         for name in fields
@@ -325,6 +388,22 @@ def _check_fits(weights: _Weights, model_shapes: dict[str, torch.Size], config_o
     )
 
 
+def _resolve(path: str | os.PathLike, subfolder: str | None, revision: str | None) -> Path:
+    """A local file or folder; a hub name (`owner/name`, a string) only when no such local path exists."""
+    local = Path(path)
+    if local.exists() or not hub.is_repo_id(path):
+        if revision is not None:
+            raise FormatError(f"{local} is a local path: revision={revision!r} applies to hub names only")
+        return local / subfolder if subfolder else local
+    try:
+        return hub.download_folder(
+            str(path), subfolder=subfolder, revision=revision, config_name=CONFIG_NAME,
+            weights_names=WEIGHTS_CANDIDATES,
+        )
+    except hub.HubError as error:
+        raise FormatError(str(error)) from error
+
+
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """(weights file, config.json or None) for a file, a diffusers folder or a pipeline folder."""
     if not path.exists():
@@ -343,31 +422,34 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
 
 
 def _read_config_json(path: Path) -> AutoencoderConfig:
+    """Our config from a diffusers config.json, reading only the keys its class takes (as diffusers does)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise FormatError(f"{path} is not readable JSON ({error})") from error
-    if data.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise FormatError(f"{path} describes a {data['_class_name']}, not an AutoencoderKL")
-    if data.get("latents_mean") is not None or data.get("latents_std") is not None:
-        warnings.warn(
-            f"{path} sets latents_mean/latents_std, which vaegan does not carry: a later save drops them",
-            stacklevel=3,
-        )
+    class_name = data.get("_class_name", "AutoencoderKL")
+    if class_name not in DIFFUSERS_KEYS:
+        raise FormatError(f"{path} describes a {class_name}, not one of {', '.join(DIFFUSERS_KEYS)}")
+    values = {key: value for key, value in data.items() if key in DIFFUSERS_KEYS[class_name]}
+    # The defaults of diffusers' AutoencoderKLFlux2 are FLUX.2's own settings, without scalar factors.
+    defaults = PRESETS["flux2"] if class_name == "AutoencoderKLFlux2" else None
     try:
-        return AutoencoderConfig.from_dict(data)
+        return AutoencoderConfig.from_dict(values, defaults)
     except (TypeError, ValueError) as error:
         raise FormatError(f"{path} is not a config this package supports: {error}") from error
 
 
 def _guess_factors(weights: _Weights, scaling_factor: float | None, shift_factor: float | None) -> dict:
-    """Latent normalisation for a file with no config: explicit values, else SD's for 4 channels.
+    """Latent normalisation for a file with no config: explicit values, else none beside FLUX.2's `bn`
+    statistics, else SD's for 4 channels.
 
     16-channel files are SD3's or Flux's, whose factors differ (1.5305/0.0609 vs 0.3611/0.1159) and cannot be
     told apart from shapes; a wrong guess silently washes images out, so those must be given.
     """
     if scaling_factor is not None:
         return {"scaling_factor": scaling_factor, "shift_factor": shift_factor or 0.0}
+    if "bn.running_mean" in weights.tensors:
+        return {"scaling_factor": PRESETS["flux2"].scaling_factor, "shift_factor": shift_factor or 0.0}
     latent_channels = _shape(weights, "decoder.conv_in.weight")[1]
     if latent_channels == 4:
         warnings.warn(
@@ -385,21 +467,32 @@ def _guess_factors(weights: _Weights, scaling_factor: float | None, shift_factor
 def load(
     path: str | os.PathLike,
     *,
+    subfolder: str | None = None,
+    revision: str | None = None,
     config: AutoencoderConfig | str | None = None,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
     dtype: torch.dtype | None = None,
     weights: str | None = None,
 ) -> AutoencoderKL:
-    """Load a VAE from a diffusers folder, a pipeline folder, a single weights file, or a vaegan training
-    checkpoint (its EMA weights by default; `weights="model"` for the raw trained weights), in eval mode.
+    """Load a VAE from a diffusers folder, a pipeline folder, a single weights file, a vaegan training
+    checkpoint (its EMA weights by default; `weights="model"` for the raw trained weights), or a Hugging Face
+    hub name, in eval mode.
 
-    The architecture comes from `config` (a config or a preset name) when given, else from the folder's
-    config.json or the file's vaegan metadata, else from the tensor shapes. Explicit `scaling_factor` /
-    `shift_factor` override whatever the source says. Parameters are fp32 unless `dtype` is given, whatever
-    the file's precision (highest precision by default, as in diffusers).
+    Args:
+        path: a local file or folder; or a hub name `owner/name` when no such local path exists, read from
+            the Hugging Face cache, and downloaded into it unless HF_HUB_OFFLINE is set.
+        subfolder: the folder within `path` or the hub repository that holds the VAE; default: `path` itself
+            (a local pipeline folder: its `vae/`), and for a hub name the repository root, then `vae/`.
+        revision: for a hub name, the branch, tag or commit to read (default: main).
+        config: the architecture, as a config or a preset name; default: the folder's config.json, else the
+            file's vaegan metadata, else the tensor shapes.
+        scaling_factor, shift_factor: override whatever the source says.
+        dtype: of the floating-point parameters and statistics; default fp32, whatever the file's precision
+            (highest precision by default, as in diffusers).
+        weights: for a vaegan training checkpoint, "ema" or "model".
     """
-    weights_path, config_path = _locate(Path(path))
+    weights_path, config_path = _locate(_resolve(path, subfolder, revision))
     entries, metadata = _read_tensor_file(weights_path, weights)
     weights = _vae_weights(entries, weights_path)
 
@@ -427,26 +520,60 @@ def load(
 
     with torch.device("meta"):  # no random init: every parameter is assigned from the file below
         vae = AutoencoderKL(config)
-    _check_fits(weights, {k: v.shape for k, v in vae.state_dict().items()}, origin)
+    model_shapes = {k: v.shape for k, v in vae.state_dict().items()}
+    if BATCHES_TRACKED in model_shapes:
+        weights.tensors.setdefault(BATCHES_TRACKED, torch.tensor(0))
+    _check_fits(weights, model_shapes, origin)
     dtype = dtype or torch.float32
-    vae.load_state_dict({k: v.to(dtype).contiguous() for k, v in weights.tensors.items()}, assign=True)
+    vae.load_state_dict({k: _cast(v, dtype).contiguous() for k, v in weights.tensors.items()}, assign=True)
     return vae.eval()
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating-point tensors to `dtype`; integers (BatchNorm's batch count) stay what they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def diffusers_class(config: AutoencoderConfig) -> str:
+    """The diffusers class that builds this network: `AutoencoderKLFlux2` when it carries `bn` statistics."""
+    return "AutoencoderKLFlux2" if config.patch_size is not None else "AutoencoderKL"
+
+
 def diffusers_config(config: AutoencoderConfig) -> dict:
-    """config.json for `diffusers.AutoencoderKL`: exactly the keys its constructor takes, so no warnings."""
+    """config.json for the diffusers class of `config`: exactly the keys its constructor takes, so no warnings.
+
+    Raises ValueError for a setting that class cannot hold, rather than writing a folder that loads as
+    another model: diffusers' `AutoencoderKL` has no separate decoder widths, and `AutoencoderKLFlux2` no
+    scalar or per-channel factors (`force_upcast`, which no FLUX.2 pipeline reads, is left out).
+    """
+    class_name = diffusers_class(config)
+    if class_name == "AutoencoderKL" and config.decoder_block_out_channels is not None:
+        raise ValueError(
+            f"diffusers' AutoencoderKL has no decoder_block_out_channels (here "
+            f"{list(config.decoder_block_out_channels)}): save this VAE as a single file"
+        )
+    if class_name == "AutoencoderKLFlux2":
+        unsupported = {
+            name: getattr(config, name)
+            for name, identity in [("scaling_factor", 1.0), ("shift_factor", 0.0), ("latents_mean", None)]
+            if getattr(config, name) != identity
+        }
+        if unsupported:
+            raise ValueError(
+                f"diffusers' AutoencoderKLFlux2 normalises latents with its bn statistics alone, so it cannot "
+                f"hold {unsupported}: reset them, or save this VAE as a single file"
+            )
     levels = len(config.block_out_channels)
+    values = config.to_dict()  # shift_factor stays a number: SD3/Flux pipelines crash on null
     return {
-        "_class_name": "AutoencoderKL",
+        "_class_name": class_name,
         "_diffusers_version": _diffusers_version(),
-        **config.to_dict(),  # shift_factor stays a number: SD3/Flux pipelines crash on null
+        **{key: values[key] for key in DIFFUSERS_KEYS[class_name]},
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "latents_mean": None,
-        "latents_std": None,
     }
 
 
@@ -458,19 +585,18 @@ def _diffusers_version() -> str:
 
 
 def _tensors_for_saving(vae: AutoencoderKL, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {
-        key: tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-        for key, tensor in vae.state_dict().items()
-    }
+    return {key: _cast(tensor.detach().cpu(), dtype).contiguous() for key, tensor in vae.state_dict().items()}
 
 
-def _original_state_dict(tensors: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+def _original_state_dict(
+    tensors: dict[str, torch.Tensor], num_levels: int, nested_quant_convs: bool
+) -> dict[str, torch.Tensor]:
     """diffusers-named tensors -> original naming, attention projections as 1x1 conv weights."""
     renamed = {}
     for key, tensor in tensors.items():
         if _ATTENTION_PROJECTIONS.search(key):
             tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        renamed[to_original_name(key, num_levels)] = tensor.contiguous()
+        renamed[to_original_name(key, num_levels, nested_quant_convs)] = tensor.contiguous()
     return renamed
 
 
@@ -494,7 +620,9 @@ def save(
 ) -> Path:
     """Write `vae` as a diffusers folder or as one original-naming `.safetensors` file; returns the path.
 
-    `dtype` casts the stored tensors (e.g. torch.float16 for a half-size release); the model is unchanged.
+    The folder is diffusers' `AutoencoderKL`, or `AutoencoderKLFlux2` for a VAE with FLUX.2's `bn` statistics;
+    such a VAE's single file takes Black Forest Labs' naming. `dtype` casts the stored floating-point tensors
+    (e.g. torch.float16 for a half-size release); the model is unchanged.
     """
     path = Path(path)
     if format not in ("diffusers", "single-file"):
@@ -504,14 +632,18 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_for_saving(vae, dtype)
     if format == "diffusers":
+        config_json = json.dumps(diffusers_config(vae.config), indent=2) + "\n"
+
         def write_folder(folder: Path) -> None:
-            (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(vae.config), indent=2) + "\n")
+            (folder / CONFIG_NAME).write_text(config_json)
             save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
         _check_replaceable(path)
         replace_folder_atomically(path, write_folder)
     else:
-        original = _original_state_dict(tensors, len(vae.config.block_out_channels))
+        # FLUX.2's original files are Black Forest Labs'; every other model's, CompVis's.
+        nested = vae.config.patch_size is not None
+        original = _original_state_dict(tensors, len(vae.config.block_out_channels), nested)
         metadata = {"format": "pt", METADATA_KEY: json.dumps(vae.config.to_dict())}
         write_file_atomically(path, lambda file: save_file(original, str(file), metadata=metadata))
     return path
