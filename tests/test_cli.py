@@ -1,13 +1,15 @@
 """The `vaegan` command's VAE tools, called through its entry point."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import skimage_photos
 
 import vaegan
 from vaegan.cli import main
+
+from conftest import skimage_photos
 
 
 def test_convert_and_info_round_trip(tmp_path, capsys):
@@ -50,3 +52,11 @@ def test_encode_reads_its_options_from_a_config_file(tmp_path, capsys):
     main(["encode", "--config", str(config)])
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["counts"]["encoded"] == 3
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_parses_into_the_training_signatures(recipe, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exited.value.code == 0
+    assert "model:" in capsys.readouterr().out

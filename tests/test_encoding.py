@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import BAD_FILES, read_rows, skimage_photos
 from PIL import Image
 
 import vaegan
@@ -26,6 +25,8 @@ from vaegan.buckets import ResolutionPolicy, make_buckets, nearest_bucket, resiz
 from vaegan.cli import main
 from vaegan.encoding import encode_dataset
 from vaegan.images import load_image, resize_center_crop
+
+from conftest import BAD_FILES, read_rows, skimage_photos
 
 SCALE, SHIFT = 0.5, 0.1  # not the identity, so a mix-up of normalisation conventions shows
 
@@ -100,7 +101,8 @@ def test_encoded_latents_match_the_codec_and_decode_back(tiny_vae, tmp_path):
         assert row["crop_box"] == pytest.approx(box, abs=1e-4) and row["latent_shape"] == [4, 8, 8]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["counts"]["encoded"] == 6 and manifest["counts"]["errors"] == 0
-    assert manifest["vae"]["scaling_factor"] == SCALE and manifest["shards"]["count"] == 2
+    assert manifest["latents"]["normalization"] == {"kind": "scalar", "scaling_factor": SCALE, "shift_factor": SHIFT}
+    assert manifest["shards"]["count"] == 2
     assert manifest["resolution"] == {"policy": "crop", "size": 32, "step": 4, "min_size": 16}
 
     main(["decode", "--input", str(out), "--output", str(tmp_path / "decoded"), "--progress", "false",

@@ -1,5 +1,6 @@
 """VAEs named by hub name: read from a real huggingface_hub cache offline, and never a path sent to the hub."""
 
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from huggingface_hub.errors import EntryNotFoundError
 
 import vaegan
 from vaegan import AutoencoderKL, FormatError, hub, preset
+from vaegan.cli import main
+from vaegan.evaluation import evaluate
 
 REPO = "owner/tiny-vae"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -152,3 +155,13 @@ def test_revision_applies_to_hub_names_only(tmp_path):
     vaegan.save(small_vae(), tmp_path / "vae")
     with pytest.raises(FormatError, match=r"is a local path: revision='v1' applies to hub names only"):
         vaegan.load(tmp_path / "vae", revision="v1")
+
+
+def test_commands_name_a_vae_by_hub_name_offline(cache, assets, capsys):
+    vae = small_vae()
+    vaegan.save(vae, snapshot(cache) / "vae")
+    main(["info", REPO, "--format", "json"])
+    assert json.loads(capsys.readouterr().out)["parameters"] == vae.num_parameters()
+    result = evaluate(models=[f"tiny={REPO}"], data=str(assets / "kodak"), resolution=64, max_images=1,
+                      num_workers=0, lpips=(), rfid=False, progress=False)
+    assert result.models[0].label == "tiny" and result.models[0].path == REPO and result.rows[0]["psnr"] > 5

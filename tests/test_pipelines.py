@@ -120,6 +120,14 @@ def test_flux_pipeline(tmp_path):
     assert_decoded_by(ours, latents, images)
 
 
+def tiny_flux2_transformer() -> torch.nn.Module:
+    """FLUX.2's transformer at toy size, taking 2x2 patches of 32-channel latents (128 channels)."""
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * 32, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+    )
+
+
 def test_flux2_pipeline_denormalises_with_our_statistics(tmp_path):
     # 32 latent channels, quant convs, and `bn` statistics that FLUX.2's pipeline reads from the VAE.
     ours = AutoencoderKL(preset("flux2", **TINY_F8)).eval()
@@ -127,13 +135,9 @@ def test_flux2_pipeline_denormalises_with_our_statistics(tmp_path):
     ours.bn.running_mean.copy_(torch.randn(ours.bn.running_mean.shape, generator=generator))
     ours.bn.running_var.copy_(torch.rand(ours.bn.running_var.shape, generator=generator) + 0.5)
     vaegan.save(ours, tmp_path)
-    transformer = diffusers.Flux2Transformer2DModel(
-        patch_size=1, in_channels=4 * 32, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-    )
     pipe = diffusers.Flux2Pipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None,
-        vae=diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path), transformer=transformer,
+        vae=diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path), transformer=tiny_flux2_transformer(),
     )
     latents = spy_on_decode(pipe.vae)
     final: list[torch.Tensor] = []  # the pipeline's normalised latents: (B, tokens, 4C), row-major 2x2 patches
@@ -153,3 +157,68 @@ def test_flux2_pipeline_denormalises_with_our_statistics(tmp_path):
     expected = rearrange(patches + ours.bn.running_mean[:, None, None], "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
     torch.testing.assert_close(latents[0], expected, rtol=0, atol=1e-6)
     assert_decoded_by(ours, latents, images)
+
+
+def final_latents(pipe_kwargs: dict) -> tuple[dict, list[torch.Tensor]]:
+    """Pipeline call options that keep the denoised latents of every step, and the list they go into."""
+    kept: list[torch.Tensor] = []
+
+    def keep(pipe, step, timestep, tensors):
+        kept.append(tensors["latents"])
+        return {}
+
+    return pipe_kwargs | {"callback_on_step_end": keep}, kept
+
+
+def test_sdxl_pipeline_denormalises_per_channel_as_we_do(tmp_path):
+    # latents_mean/latents_std in the config: diffusers' SDXL pipelines decode latents * std / scale + mean.
+    generator = torch.Generator().manual_seed(0)
+    ours = AutoencoderKL(preset(
+        "sdxl", **TINY_F8, latents_mean=torch.randn(4, generator=generator).tolist(),
+        latents_std=(torch.rand(4, generator=generator) + 0.5).tolist(),
+    )).eval()
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+    )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=saved_and_reloaded(ours, tmp_path), unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
+        text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+    )
+    assert pipe.vae.config.latents_mean == list(ours.config.latents_mean)  # carried through save and load
+    latents = spy_on_decode(pipe.vae)
+    options, kept = final_latents(dict(
+        prompt_embeds=torch.randn(1, 7, 16), pooled_prompt_embeds=torch.randn(1, 16),
+        negative_prompt_embeds=torch.randn(1, 7, 16), negative_pooled_prompt_embeds=torch.randn(1, 16),
+        height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=2, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ))
+    images = pipe(**options).images
+
+    normalization = vaegan.normalization.LatentNormalization.of(ours)
+    assert normalization.kind == "channel"
+    torch.testing.assert_close(latents[0], normalization.denormalize(kept[-1]), rtol=1e-5, atol=1e-5)
+    assert_decoded_by(ours, latents, images)
+
+
+@pytest.mark.parametrize("widths", [TINY_F8, {}], ids=["tiny", "released-shapes"])
+def test_codec_latents_equal_flux2_pipelines_normalised_latents(widths, tmp_path):
+    # What Flux2Pipeline computes from an image (posterior mode, 2x2 patches, bn statistics) is Codec.encode.
+    ours = AutoencoderKL(preset("flux2", **widths)).eval()
+    generator = torch.Generator().manual_seed(0)
+    ours.bn.running_mean.copy_(torch.randn(ours.bn.running_mean.shape, generator=generator))
+    ours.bn.running_var.copy_(torch.rand(ours.bn.running_var.shape, generator=generator) + 0.5)
+    save(ours, tmp_path)
+    theirs = diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path).eval()
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1
+    pipe = diffusers.Flux2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None, vae=theirs,
+        transformer=tiny_flux2_transformer(),
+    )
+    with torch.no_grad():
+        expected = pipe._encode_vae_image(image, generator=None)  # what it conditions image edits on
+    latents = vaegan.Codec(ours, channels_last=False).encode(image)
+    assert latents.shape == expected.shape == (1, 128, IMAGE_SIZE // 16, IMAGE_SIZE // 16)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=5e-5)

@@ -18,7 +18,7 @@ def python_blocks() -> list[str]:
 
 
 def test_codec_example_runs(tmp_path, monkeypatch):
-    (example,) = [block for block in python_blocks() if "vaegan.Codec(" in block]
+    (example,) = [block for block in python_blocks() if 'vaegan.load("out/sd-vae")' in block]
     vaegan.save(vaegan.AutoencoderKL(vaegan.preset("tiny")), tmp_path / "out" / "sd-vae")
     Image.fromarray(astronaut()[:128, :128]).save(tmp_path / "photo.png")
     monkeypatch.chdir(tmp_path)
@@ -46,3 +46,17 @@ def test_latent_dataset_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(code, namespace)
     assert namespace["x"].shape[1:] == (4, 16, 16) and namespace["x"].dtype == torch.float32
+
+
+def test_flux2_example_runs_from_the_hub_cache(tmp_path, monkeypatch):
+    (example,) = [block for block in python_blocks() if "FLUX.2-dev" in block]
+    # A FLUX.2-shaped VAE (narrow, random) where the hub cache keeps black-forest-labs/FLUX.2-dev's vae/.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    storage = tmp_path / "hf" / "hub" / "models--black-forest-labs--FLUX.2-dev"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text("0" * 40)
+    tiny = vaegan.preset("flux2", block_out_channels=(32, 32, 64, 64), norm_num_groups=8, layers_per_block=1)
+    vaegan.save(vaegan.AutoencoderKL(tiny), storage / "snapshots" / ("0" * 40) / "vae")
+    namespace: dict = {"vaegan": vaegan, "image": Image.fromarray(astronaut()[:64, :64])}
+    exec(example, namespace)
+    assert namespace["latents"].shape == (1, 128, 4, 4)  # 64 px: 8x8 latents of 32 channels, in 2x2 patches

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from vaegan.card import model_card
 from vaegan.formats import load, save
 from vaegan.normalization import LatentNormalization
 
@@ -124,20 +125,28 @@ def convert(
     preset: str | None = None,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    eval_report: str | None = None,
 ) -> Path:
-    """Convert any VAE vaegan reads to a diffusers folder or a single file.
+    """Convert any VAE vaegan reads to a diffusers folder (with a model card) or a single file.
 
     Args:
-        source: a diffusers folder, single file or training checkpoint.
+        source: a diffusers folder, single file, training checkpoint, or a hub name owner/name.
         destination: output folder (diffusers) or .safetensors file (single-file).
         to: output format.
         dtype: store the weights in this dtype; default: as loaded (fp32).
-        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, tiny) for files that carry no config.
         scaling_factor: override the scaling factor.
         shift_factor: override the shift factor.
+        subfolder: the folder of the source (or hub repository) that holds the VAE; default: the root, then vae/.
+        revision: of a hub name: branch, tag or commit.
+        eval_report: a `vaegan eval` output folder whose results the model card shows.
     """
-    vae = load(source, config=preset, scaling_factor=scaling_factor, shift_factor=shift_factor)
-    path = save(vae, destination, format=to, dtype=getattr(torch, dtype) if dtype else None)
+    vae = load(source, config=preset, scaling_factor=scaling_factor, shift_factor=shift_factor,
+               subfolder=subfolder, revision=revision)
+    card = model_card(vae, Path(destination).name, eval_report) if to == "diffusers" else None
+    path = save(vae, destination, format=to, dtype=getattr(torch, dtype) if dtype else None, card=card)
     print(f"wrote {to} VAE to {path}")
     return path
 
@@ -149,18 +158,23 @@ def info(
     preset: str | None = None,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
 ) -> dict:
     """Describe a VAE: architecture, parameters, latent shape and normalisation.
 
     Args:
-        path: any VAE vaegan reads.
+        path: any VAE vaegan reads, or a hub name owner/name.
         size: image size for the latent shape: one side, or height and width (e.g. '[512, 768]').
         format: text for people, or JSON.
-        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, tiny) for files that carry no config.
         scaling_factor: override the scaling factor.
         shift_factor: override the shift factor.
+        subfolder: the folder of the path (or hub repository) that holds the VAE; default: the root, then vae/.
+        revision: of a hub name: branch, tag or commit.
     """
-    vae = load(path, config=preset, scaling_factor=scaling_factor, shift_factor=shift_factor)
+    vae = load(path, config=preset, scaling_factor=scaling_factor, shift_factor=shift_factor, subfolder=subfolder,
+               revision=revision)
     height, width = (tuple(size) * 2)[:2]
     summary = vae_summary(vae, height, width)
     if format == "json":
@@ -176,7 +190,8 @@ def info(
           f"quant convs {config['use_quant_conv']}/{config['use_post_quant_conv']}")
     print(f"  {height}x{width} image -> latent {tuple(summary['latent_shape'])} "
           f"({summary['compression']}x fewer values)")
-    print(f"  normalisation     z_model = {summary['normalization']}")
+    print(f"  normalisation     z_model = {summary['normalization_formula']} -> "
+          f"{tuple(summary['normalized_latent_shape'])}")
     return summary
 
 
@@ -185,7 +200,8 @@ def vae_summary(vae, height: int, width: int) -> dict:
     config = vae.config
     f = config.downsampling_factor
     latent = (config.latent_channels, height // f, width // f)
-    normalization = LatentNormalization.of(config)
+    normalization = LatentNormalization.of(vae)
+    patch = normalization.spatial_factor
     return {
         "architecture": config.to_dict(),
         "parameters": vae.num_parameters(),
@@ -194,9 +210,11 @@ def vae_summary(vae, height: int, width: int) -> dict:
         "downsampling_factor": f,
         "image_shape": [config.in_channels, height, width],
         "latent_shape": list(latent),
+        # What a diffusion model sees: FLUX.2's normalisation folds 2x2 latent pixels into channels.
+        "normalized_latent_shape": [normalization.channels(latent[0]), latent[1] // patch, latent[2] // patch],
         "compression": round(config.in_channels * height * width / (latent[0] * latent[1] * latent[2]), 2),
-        **normalization.to_json(),
-        "normalization": str(normalization),
+        "normalization": normalization.to_json(),
+        "normalization_formula": str(normalization),
     }
 
 

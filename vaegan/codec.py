@@ -169,8 +169,9 @@ class Codec:
         self.tile_overlap = tile_overlap
         self.auto_tile_pixels = auto_tile_pixels
         self.channels_last = channels_last
-        self.latent_channels = config.latent_channels
-        self.normalization = LatentNormalization.of(config)
+        self.normalization = LatentNormalization.of(vae)
+        # Normalised latents: FLUX.2's are 2x2 patches of the VAE's, with 4x the channels.
+        self.latent_channels = self.normalization.channels(config.latent_channels)
 
         self.vae = vae.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if channels_last:
@@ -208,7 +209,7 @@ class Codec:
                 f"factor {self.factor}; crop or pad the images first"
             )
         moments = torch.empty(
-            x.shape[0], 2 * self.latent_channels, height // self.factor, width // self.factor,
+            x.shape[0], 2 * self.vae.config.latent_channels, height // self.factor, width // self.factor,
             device=x.device,
         )
         with torch.inference_mode():

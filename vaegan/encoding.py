@@ -49,6 +49,7 @@ from vaegan.manifest import (
     shard_metadata,
     write_record,
 )
+from vaegan.normalization import LatentNormalization
 from vaegan.shards import STORAGE_TYPES, ShardWriter, encode_values, nested, schema
 from vaegan.sources import ImageBatch, ShardBatches, ShardEnd, open_source
 
@@ -80,7 +81,8 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     if source.num_shards == 0:
         raise ValueError(f"{job.input}: no images to encode")
     vae = load(job.model, config=job.preset, scaling_factor=job.scaling_factor, shift_factor=job.shift_factor)
-    policy = resolution_policy(job, vae.config.downsampling_factor)
+    # Image sides must split into whole latents, and FLUX.2's into whole 2x2 patches of latents.
+    policy = resolution_policy(job, vae.config.downsampling_factor * LatentNormalization.of(vae).spatial_factor)
     manifest = make_manifest(job, source, vae, policy)
     claim_output(folder, manifest)
     done = read_records(folder)

@@ -279,7 +279,7 @@ def open_models(
         results.append(ModelResult(
             label=spec.label, path=spec.path, parameters=vae.num_parameters(), latent_shape=latent_shape,
             bits_per_pixel=latent_bits_per_pixel(latent_shape, (resolution, resolution), dtype),
-            normalization=LatentNormalization.of(vae.config),
+            normalization=LatentNormalization.of(vae),
         ))
         codecs.append(Codec(vae, device=device, dtype=dtype, batch_size=batch_size))
     return codecs, results

@@ -41,6 +41,7 @@ from vaegan.files import replace_folder_atomically, write_file_atomically
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 # Our config JSON: in a single file's safetensors metadata, and in a training checkpoint's top-level dict.
 METADATA_KEY = "vaegan_config"
 # In order of preference: full precision first, the fp16 variant only when it is all there is.
@@ -605,7 +606,8 @@ def _check_replaceable(path: Path) -> None:
     if path.is_file():
         raise FileExistsError(f"{path} is a file; the diffusers format writes a folder")
     if path.is_dir():
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, *WEIGHTS_CANDIDATES))
+        ours = (CONFIG_NAME, CARD_NAME, *WEIGHTS_CANDIDATES)
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
         if foreign:
             raise FileExistsError(
                 f"refusing to replace {path}: it holds files a diffusers VAE does not ({', '.join(foreign)})"
@@ -617,8 +619,11 @@ def save(
     path: str | os.PathLike,
     format: Literal["diffusers", "single-file"] = "diffusers",
     dtype: torch.dtype | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write `vae` as a diffusers folder or as one original-naming `.safetensors` file; returns the path.
+
+    `card` is the folder's README.md (`vaegan.card.model_card`); a single file has none.
 
     The folder is diffusers' `AutoencoderKL`, or `AutoencoderKLFlux2` for a VAE with FLUX.2's `bn` statistics;
     such a VAE's single file takes Black Forest Labs' naming. `dtype` casts the stored floating-point tensors
@@ -636,6 +641,8 @@ def save(
 
         def write_folder(folder: Path) -> None:
             (folder / CONFIG_NAME).write_text(config_json)
+            if card is not None:
+                (folder / CARD_NAME).write_text(card)
             save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
         _check_replaceable(path)

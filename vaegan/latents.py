@@ -72,7 +72,7 @@ class LatentDataset(Dataset):
             values = {repr(entry.get(key)) for entry in metadata}
             if len(values) > 1:
                 raise ValueError(f"{self.path}: shards disagree on {key} ({sorted(values)}); not one encoding run")
-        normalizations = {LatentNormalization.from_json(entry) for entry in metadata}
+        normalizations = {LatentNormalization.from_json(entry.get("normalization", entry)) for entry in metadata}
         if len(normalizations) > 1:
             described = sorted(map(str, normalizations))
             raise ValueError(f"{self.path}: shards disagree on the latent normalisation ({described}); "
@@ -402,7 +402,8 @@ def decode_latents(
         if dataset is None:
             return named[position][1]
         # Stored latents are normalised as the encoding VAE declared; the codec expects its own VAE's.
-        return codec.normalization.normalize(dataset.normalization.denormalize(dataset[position]["latent"]))
+        stored = dataset[position]["latent"][None]                                 # (1, C, h, w)
+        return codec.normalization.normalize(dataset.normalization.denormalize(stored))[0]
 
     # Batches of one shape, in the order the latents were listed within each shape.
     by_shape: dict[tuple, list[int]] = {}

@@ -46,7 +46,7 @@ ERRORS_NAME = "errors.jsonl"
 # (The source's path is not among them: the same folder may be named differently on a rerun.)
 PLAN_KEYS = (
     "source.kind", "source.split", "source.image_column", "source.id_column", "source.items", "source.fingerprint",
-    "shards", "resolution", "latents", "vae.sha256", "vae.scaling_factor", "vae.shift_factor",
+    "shards", "resolution", "latents", "vae.sha256",
 )
 # The manifest quotes this many errors (errors.jsonl has them all), enough to see what went wrong at a glance.
 ERRORS_IN_MANIFEST = 20
@@ -162,13 +162,14 @@ def make_manifest(job: EncodeJob, source: Source, vae: AutoencoderKL, policy: Re
         "vae": {
             "source": str(Path(job.model).resolve()) if Path(job.model).exists() else job.model,
             "sha256": weights_sha256(vae), "config": config.to_dict(),
-            **LatentNormalization.of(config).to_json(),
             "downsampling_factor": config.downsampling_factor, "latent_channels": config.latent_channels,
         },
         "latents": {
             "store": job.store, "columns": list(tensor_columns(job.store)), "dtype": job.latent_dtype,
             "storage": storage, "compute_dtype": job.dtype, "seed": job.seed if job.store == "sample" else None,
-            "normalisation": "(z - shift_factor) * scaling_factor; logvar + 2 * ln(scaling_factor)",
+            # What the stored latents are: normalised with this (see vaegan.normalization); a posterior's
+            # log-variance is moved with it (each channel's variance scales by its scale squared).
+            "normalization": LatentNormalization.of(vae).to_json(),
         },
         "resolution": policy.to_json(),
         "source": {
@@ -184,12 +185,11 @@ def make_manifest(job: EncodeJob, source: Source, vae: AutoencoderKL, policy: Re
 
 def shard_metadata(manifest: dict) -> dict:
     """What each shard file carries about itself, so that it can be read (and decoded) without the manifest."""
-    vae = manifest["vae"]
+    vae, latents = manifest["vae"], manifest["latents"]
     return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "store": manifest["latents"]["store"],
-        "dtype": manifest["latents"]["dtype"], **LatentNormalization.from_json(vae).to_json(),
-        "latent_channels": vae["latent_channels"], "downsampling_factor": vae["downsampling_factor"],
-        "vae_sha256": vae["sha256"],
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "store": latents["store"], "dtype": latents["dtype"],
+        "normalization": latents["normalization"], "latent_channels": vae["latent_channels"],
+        "downsampling_factor": vae["downsampling_factor"], "vae_sha256": vae["sha256"],
     }
 
 

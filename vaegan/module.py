@@ -22,6 +22,7 @@ import torch
 from vaegan.autoencoder import AutoencoderKL, preset
 from vaegan.discriminator import PatchDiscriminator
 from vaegan.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients
+from vaegan.files import write_json
 from vaegan.formats import load
 from vaegan.grids import reconstruction_grid, save_grid
 from vaegan.losses import (
@@ -34,7 +35,7 @@ from vaegan.losses import (
     reconstruction_loss,
 )
 from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
-from vaegan.normalization import LatentNormalization
+from vaegan.normalization import LatentNormalization, measured_layout
 from vaegan.perceptual import PerceptualLoss
 
 # Parameters and buffers of the frozen LPIPS network in this module's state dict.
@@ -315,6 +316,7 @@ class VAEGAN(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._latent_statistics = LatentStatistics()
+        self._patch_statistics = LatentStatistics()
         self._grid_batch = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -335,33 +337,49 @@ class VAEGAN(L.LightningModule):
             batch_size=batch_size, sync_dist=True,
         )
         self._latent_statistics.update(latents.float())
+        if latents.shape[-2] % 2 == 0 and latents.shape[-1] % 2 == 0:
+            self._patch_statistics.update(measured_layout(latents.float(), "patch", self.vae.config.patch_size))
         if self._grid_batch is None:
             count = self.hparams.grid_images
             self._grid_batch = (images[:count].float(), reconstructions[:count])
 
     def on_validation_epoch_end(self) -> None:
-        statistics = self._gather_latent_statistics()
-        if statistics.mean is not None:
+        statistics = self._gather(self._latent_statistics)
+        patches = self._gather(self._patch_statistics)
+        fits = {}
+        if statistics.mean is not None and torch.isfinite(statistics.m2).all():
             mean, std = statistics.overall()
-            suggested = LatentNormalization.fit(statistics, "shift")
-            scale_only = LatentNormalization.fit(statistics, "scale")
-            self.log_dict(
-                {
-                    "val/latent_mean": mean, "val/latent_std": std,
-                    "val/suggested_scaling_factor": suggested.scaling_factor,
-                    "val/suggested_shift_factor": suggested.shift_factor,
-                    "val/suggested_scaling_factor_no_shift": scale_only.scaling_factor,
-                },
-                sync_dist=True,  # the same values on every rank already (merged above); averaging keeps them
-            )
+            suggested = LatentNormalization.fit(statistics, "scalar", "shift")
+            fits = {"scalar": suggested, "scalar (shift 0)": LatentNormalization.fit(statistics, "scalar", "scale"),
+                    "channel": LatentNormalization.fit(statistics, "channel")}
+            logged = {
+                "val/latent_mean": mean, "val/latent_std": std,
+                "val/suggested_scaling_factor": suggested.scaling_factor,
+                "val/suggested_shift_factor": suggested.shift_factor,
+                "val/suggested_scaling_factor_no_shift": fits["scalar (shift 0)"].scaling_factor,
+                # How unequal the channels are: what a per-channel normalisation would correct.
+                "val/latent_channel_std_min": statistics.channel_std.min().item(),
+                "val/latent_channel_std_max": statistics.channel_std.max().item(),
+            }
+            if patches.mean is not None and torch.isfinite(patches.m2).all():
+                fits["patch"] = LatentNormalization.fit(patches, "patch", patch_size=self.vae.config.patch_size,
+                                                        eps=self.vae.config.batch_norm_eps)
+                logged |= {"val/patch_std_min": patches.channel_std.min().item(),
+                           "val/patch_std_max": patches.channel_std.max().item()}
+            # The same values on every rank already (merged above); averaging keeps them.
+            self.log_dict(logged, sync_dist=True)
         # Every rank asks for the directory: `Trainer.log_dir` is a collective (a broadcast from rank 0).
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
-        if self._grid_batch is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_grid(directory, *self._grid_batch)
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            if fits:
+                # Every kind of normalisation, measured on this validation pass (`vaegan export` measures again).
+                write_json(directory / "latent_normalization.json",
+                           {"batch": int(self.batches_seen)} | {kind: fit.to_json() for kind, fit in fits.items()})
+            if self._grid_batch is not None:
+                self._write_grid(directory / "grids", *self._grid_batch)
 
-    def _gather_latent_statistics(self) -> LatentStatistics:
-        """Merge the per-rank statistics so every rank logs the factors of the whole validation set."""
-        local = self._latent_statistics
+    def _gather(self, local: LatentStatistics) -> LatentStatistics:
+        """Merge per-rank statistics exactly, so that every rank logs those of the whole validation set."""
         if self.trainer.world_size == 1 or local.mean is None:
             return local
         packed = torch.stack([torch.full_like(local.mean, local.count), local.mean, local.m2])  # (3, C)

@@ -189,7 +189,7 @@ def model_summary(result: EvaluationResult, model: ModelResult) -> dict[str, Any
             "normalised_mean": normalised_mean,
             "normalised_std": normalised_std,
             "suggested_factors": {
-                convention: LatentNormalization.fit(statistics, convention).to_json()
+                convention: LatentNormalization.fit(statistics, "scalar", convention).to_json()
                 for convention in ("shift", "scale")
             },
         },

@@ -26,7 +26,7 @@ Latents are nested lists (C of h of w values), so `datasets` shows them as array
 numpy/torch formats return (C, h, w) arrays. fp16 and fp32 are stored as such. bf16 has no Arrow type: it is
 stored as the uint16 bit pattern of each value (the field's metadata says "bfloat16"); `decode_values` turns it
 back (numpy: `(bits.astype(np.uint32) << 16).view(np.float32)`; torch: `bits.view(torch.bfloat16)`).
-Each file's schema metadata also carries the scale and shift factors, so a single shard can be decoded alone.
+Each file's schema metadata also carries the latent normalisation, so a single shard can be decoded alone.
 
 Shards are committed in two steps, each atomic (written under a hidden temporary name, then renamed): first the
 Parquet file (`ShardWriter.commit`), then its progress record (`vaegan.manifest.write_record`). A shard counts as
@@ -53,7 +53,9 @@ from vaegan.files import make_readable
 SHARD_PATTERN = "train-*.parquet"
 METADATA_KEY = b"vaegan"
 FORMAT_NAME = "vaegan-latents"
-FORMAT_VERSION = 1
+# 2: the normalisation is recorded whole ("normalization": scalar, channel or patch); version 1 shards (scalar
+# scaling_factor and shift_factor beside the other metadata) still read.
+FORMAT_VERSION = 2
 
 # Stored type of each latent precision; bf16 travels as its bit pattern (see the module docstring).
 STORAGE_TYPES = {"fp32": pa.float32(), "fp16": pa.float16(), "bf16": pa.uint16()}
