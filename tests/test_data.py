@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import BAD_FILES, rotated_jpeg, sixteen_bit_ramp, write_png16_rgb
 from PIL import Image
 from torchvision import transforms
 
 from vaegan.data import ImageDataModule
 from vaegan.images import ImageError, load_image, random_crop, resize_center_crop, to_tensor
 from vaegan.readers import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS
+
+from conftest import BAD_FILES, rotated_jpeg, sixteen_bit_ramp, write_png16_rgb
 
 RESOLUTION = 64  # small crops keep every test well under a second of decoding
 

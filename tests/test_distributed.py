@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import bsds_photos
 
 # Run by Lightning's launcher once per rank: the script is re-executed with LOCAL_RANK set.

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_rows, skimage_photos
 from PIL import Image
 
 import vaegan
 from vaegan.encoding import encode_dataset
 from vaegan.latents import BucketBatchSampler, LatentDataset, decode_latents
+
+from conftest import read_rows, skimage_photos
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import bsds_photos
 from lightning.pytorch.loggers import CSVLogger
 
 import vaegan
 from vaegan.data import ImageDataModule
 from vaegan.module import VAEGAN
+
+from conftest import bsds_photos
 
 FAST = dict(
     arch="tiny", perceptual_net="squeeze", perceptual_weight=0.5, lr=1e-3, disc_lr=2e-4, lr_warmup=10,
