@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from vaegan import AutoencoderKL, Codec, load, preset
+from vaegan import PRESETS, AutoencoderKL, Codec, load, preset
 from vaegan.dtypes import resolve_dtype
-from vaegan.formats import diffusers_config
+from vaegan.formats import diffusers_class, diffusers_config
+from vaegan.normalization import LatentNormalization
 
 
 def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):
@@ -39,12 +40,33 @@ def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_
 
 
 def diffusers_twin(ours: AutoencoderKL):
-    """diffusers' AutoencoderKL with our VAE's architecture and weights, frozen, in eval mode."""
-    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    """diffusers' AutoencoderKL (AutoencoderKLFlux2 for FLUX.2) with our VAE's architecture and weights, frozen,
+    in eval mode."""
+    import diffusers
 
-    theirs = DiffusersAutoencoderKL(**{k: v for k, v in diffusers_config(ours.config).items() if not k.startswith("_")})
+    model_class = getattr(diffusers, diffusers_class(ours.config))
+    theirs = model_class(**{k: v for k, v in diffusers_config(ours.config).items() if not k.startswith("_")})
     theirs.load_state_dict(ours.state_dict())
     return theirs.eval().requires_grad_(False)
+
+
+def nominal_flops(ours: AutoencoderKL, size: int) -> dict[str, float]:
+    """FLOPs per image of diffusers' encode and decode at size^2 (nearest-neighbour upsampling then 3x3 convs, as
+    every implementation but ours computes it), counted by torch's FlopCounterMode on meta tensors: the
+    denominator-free measure of how much work a VAE call is, for the fraction of a GPU's peak it achieves."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = diffusers_twin(AutoencoderKL(ours.config))
+        images = torch.empty(1, 3, size, size)
+        side = size // ours.config.downsampling_factor
+        latents = torch.empty(1, ours.config.latent_channels, side, side)
+    counts = {}
+    for op, call in (("encode", lambda: twin.encode(images)), ("decode", lambda: twin.decode(latents))):
+        with FlopCounterMode(display=False) as counter:
+            call()
+        counts[op] = float(counter.get_total_flops())
+    return counts
 
 
 def make_codec(ours: AutoencoderKL, args, tiled: bool) -> Codec:
@@ -71,29 +93,29 @@ def runners(ours: AutoencoderKL, theirs, args, tiled: bool):
     """{(implementation, op): fn(input) -> output}; both take/return the same normalised tensors."""
     codec = make_codec(ours, args, tiled)
     diffusers_tiling(theirs, args.tile_size if tiled else None, args.tile_overlap)
-    scale, shift = ours.config.scaling_factor, ours.config.shift_factor or 0.0
+    normalization = codec.normalization
     dtype = resolve_dtype(args.dtype)
 
     @torch.inference_mode()
     def diffusers_encode(x):
         mean = theirs.encode(x.to(args.device, dtype)).latent_dist.mean
-        return ((mean.float() - shift) * scale).to(x.device)
+        return normalization.normalize(mean.float()).to(x.device)
 
     return {
         ("vaegan", "encode"): codec.encode,
         ("vaegan", "decode"): codec.decode,
         ("diffusers", "encode"): diffusers_encode,
-        ("diffusers", "decode"): diffusers_decoder(theirs, ours.config, args.device, dtype),
+        ("diffusers", "decode"): diffusers_decoder(theirs, normalization, args.device, dtype),
     }
 
 
-def diffusers_decoder(theirs, config, device: str, dtype: torch.dtype):
-    """Normalised latents -> images in [-1, 1] through diffusers' AutoencoderKL, on the latents' device."""
-    scale, shift = config.scaling_factor, config.shift_factor or 0.0
+def diffusers_decoder(theirs, normalization: LatentNormalization, device: str, dtype: torch.dtype):
+    """Normalised latents -> images in [-1, 1] through diffusers' VAE, on the latents' device (the pipelines'
+    denormalisation, done by vaegan's one implementation of it, so that only the networks are compared)."""
 
     @torch.inference_mode()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        z = (latents / scale + shift).to(device, dtype)
+        z = normalization.denormalize(latents).to(device, dtype)
         return theirs.decode(z).sample.float().clamp(-1, 1).to(latents.device)
 
     return decode
@@ -108,10 +130,11 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
     """Images/s of encode and decode for both implementations, alternated; plus the fp32 equality check."""
     run = runners(ours, theirs, args, tiled)
     batch = args.batch_size if size <= 512 else 1
-    factor = ours.config.downsampling_factor
+    normalization = LatentNormalization.of(ours)
+    side = size // ours.config.downsampling_factor // normalization.spatial_factor
     torch.manual_seed(1)
     images = torch.rand(batch, 3, size, size) * 2 - 1
-    latents = torch.randn(batch, ours.config.latent_channels, size // factor, size // factor)
+    latents = torch.randn(batch, normalization.channels(ours.config.latent_channels), side, side)
     inputs = {"encode": images, "decode": latents}
     times = {key: [] for key in run}
     outputs = {}
@@ -126,13 +149,15 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
                 synchronize(args.device)
                 if repeat >= args.warmup:
                     times[impl, op].append(time.perf_counter() - start)
+    flops = nominal_flops(ours, size)
     rows = []
     for impl, op in run:
         difference = (outputs["vaegan", op] - outputs["diffusers", op]).abs().max().item()
         seconds = statistics.median(times[impl, op])
         rows.append(dict(
             impl=impl, op=op, size=size, tiled=tiled, batch=batch, dtype=args.dtype, device=args.device,
-            seconds=seconds, images_per_s=batch / seconds, max_abs_diff_vs_diffusers=difference,
+            compile=args.compile, seconds=seconds, images_per_s=batch / seconds, max_abs_diff_vs_diffusers=difference,
+            nominal_flops_per_image=flops[op], achieved_tflops=flops[op] * batch / seconds / 1e12,
         ))
     return rows
 
@@ -159,9 +184,10 @@ def child_peak_memory(args) -> dict:
     ours, theirs = build_models(args.arch, resolve_dtype(args.dtype), args.device, args.diffusers_channels_last)
     # Both models stay loaded, so they are part of the baseline and only the op's own memory is counted.
     fn = runners(ours, theirs, args, tiled)[impl, op]
-    factor, channels = ours.config.downsampling_factor, ours.config.latent_channels
+    normalization = LatentNormalization.of(ours)
+    side = size // ours.config.downsampling_factor // normalization.spatial_factor
     x = (torch.rand(1, 3, size, size) * 2 - 1 if op == "encode"
-         else torch.randn(1, channels, size // factor, size // factor))
+         else torch.randn(1, normalization.channels(ours.config.latent_channels), side, side))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -214,7 +240,7 @@ def seam_errors(args) -> list[dict]:
     untiled = Codec(vae, device=args.device, dtype=resolve_dtype(args.dtype), auto_tile_pixels=None)
     latents = untiled.encode(photo)
     reference = untiled.decode(latents)
-    diffusers_decode = diffusers_decoder(theirs, vae.config, args.device, resolve_dtype(args.dtype))
+    diffusers_decode = diffusers_decoder(theirs, LatentNormalization.of(vae), args.device, resolve_dtype(args.dtype))
     theirs.disable_tiling()
     diffusers_reference = diffusers_decode(latents)
     rows = []
@@ -256,7 +282,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="sd", choices=["sd", "sdxl", "sd3", "flux", "tiny"],
+    parser.add_argument("--arch", default="sd", choices=list(PRESETS),
                         help="architecture preset (random weights)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024],
                         help="square image sizes to time; pass none to skip timing")
