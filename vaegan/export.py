@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from vaegan.autoencoder import AutoencoderKL
+from vaegan.checkpoints import check_complete
 from vaegan.formats import load, save
 from vaegan.images import ImageError
 from vaegan.metrics import LatentStatistics
@@ -72,6 +73,7 @@ def export(
         max_images: images used to measure.
         measure: measure the normalisation; false keeps the checkpoint's factors.
     """
+    check_complete(checkpoint)  # a checkpoint cut short by a crash gets that said, not a zip reader's complaint
     vae = load(checkpoint, weights=weights)
     if measure:
         normalization, statistics = measure_normalization(vae, data, resolution, max_images, convention)
