@@ -1,6 +1,9 @@
 """The `vaegan` command's VAE tools, called through its entry point."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +27,58 @@ def test_convert_and_info_round_trip(tmp_path, capsys):
         torch.testing.assert_close(converted.state_dict()[key], value)
 
 
-def test_convert_names_the_bad_file(tmp_path):
+def test_convert_names_the_bad_file_in_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(vaegan.FormatError, match="broken.safetensors"):
+    with pytest.raises(SystemExit) as exited:
         main(["convert", str(bad), str(tmp_path / "out"), "--to", "diffusers"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"vaegan convert: error: {bad} is not a readable safetensors file")
+    assert error.count("\n") == 1
+    with pytest.raises(vaegan.FormatError, match="broken.safetensors"):  # --debug: the exception, traceback and all
+        main(["convert", str(bad), str(tmp_path / "out"), "--to", "diffusers", "--debug"])
+
+
+def test_missing_lpips_weights_end_eval_with_one_line_and_status_2(tmp_path):
+    # The first thing a new user meets without $VAEGAN_WEIGHTS_DIR, run as they run it.
+    model = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), tmp_path / "vae")
+    images = skimage_photos(tmp_path / "images", 2)
+    environment = {key: value for key, value in os.environ.items() if key != "VAEGAN_WEIGHTS_DIR"}
+    environment |= {"TORCH_HOME": str(tmp_path / "empty-torch-cache"), "VAEGAN_OFFLINE": "1"}
+    command = [sys.executable, "-m", "vaegan.cli", "eval", "--models+", str(model), "--data", str(images),
+               "--output", str(tmp_path / "report"), "--progress", "false"]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("vaegan eval: error: No ImageNet weights for the LPIPS-alex backbone")
+    assert "alexnet_features.safetensors" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_hub_dataset_not_cached_offline_is_one_line(tmp_path, capsys):
+    model = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), tmp_path / "vae")
+    with pytest.raises(SystemExit) as exited:  # HF_HUB_OFFLINE=1, as in every test
+        main(["eval", "--models+", str(model), "--data", "someone/not-cached-here", "--output",
+              str(tmp_path / "report"), "--progress", "false"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("vaegan eval: error: Couldn't reach 'someone/not-cached-here'")
+
+
+def test_bad_option_values_and_unknown_commands_read_like_errors(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--model.perceptual_net", "squeeze", "--data.val_holdout", "2", "--trainer.logger", "false"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "vaegan fit: error: val_holdout must be a fraction in [0, 1), got 2.0"
+    )
+    with pytest.raises(SystemExit) as exited:
+        main(["train"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "vaegan train: error: unknown command 'train'; `vaegan --help` lists the commands\n"
+    )
+    monkeypatch.setenv("VAEGAN_DEBUG", "1")
+    with pytest.raises(ValueError, match="val_holdout"):
+        main(["fit", "--model.perceptual_net", "squeeze", "--data.val_holdout", "2", "--trainer.logger", "false"])
 
 
 @pytest.mark.parametrize("command", ["convert", "info", "export", "eval", "encode", "decode"])

@@ -5,6 +5,10 @@
 dataclass) whose signature and docstring jsonargparse turns into its options and `--help`, with `--config
 FILE.yaml` and `--print_config` as for `fit`: each option is declared once, where it is used. Each command's
 module is imported only when that command runs, so `vaegan eval` never imports Lightning.
+
+Failures a user can fix (a missing or broken file, missing weights, a bad option value, a hub dataset that is
+not cached offline, a run that diverged) end the command with one line on stderr and exit status 2; anything
+else is a bug and keeps its traceback. `--debug` (or `VAEGAN_DEBUG=1`) shows the traceback of every failure.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -21,6 +26,7 @@ import torch
 from vaegan.card import model_card
 from vaegan.formats import load, save
 from vaegan.normalization import LatentNormalization
+from vaegan.weights import MissingWeights
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 HELP = """usage: vaegan COMMAND [--config FILE.yaml] [--option value ...]
@@ -38,18 +44,44 @@ Use a VAE:
   decode    latent shards or a sampler's latents -> PNG/WebP/JPEG images
 
 Options are written as in `fit`: --batch_size 8, --progress false, lists as --models+ a --models+ b or
---models '[a, b]'. Run `vaegan COMMAND --help` for the options of each.
+--models '[a, b]'. Run `vaegan COMMAND --help` for the options of each. A failure prints one line and exits
+with status 2; --debug (or VAEGAN_DEBUG=1) shows its traceback.
 """
+# The exit status of a failure the user can fix, as for a bad option (argparse's and jsonargparse's choice).
+FAILURE_STATUS = 2
+DEBUG_VARIABLE = "VAEGAN_DEBUG"
+
+
+class CommandFailed(Exception):
+    """A failure the user can fix, raised by a command with a message for them."""
+
+
+# ValueError covers bad values and files (FormatError, ImageError, CheckpointError); OSError missing files, full
+# disks and datasets that are not cached offline.
+EXPECTED_FAILURES = (CommandFailed, ValueError, OSError, MissingWeights)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
         return
-    name, options = argv[0], argv[1:]
+    try:
+        run(argv[0], argv[1:])
+    except EXPECTED_FAILURES as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, however it was written
+        print(f"vaegan {argv[0]}: error: {message}", file=sys.stderr)
+        raise SystemExit(FAILURE_STATUS) from None
+
+
+def run(name: str, options: list[str]) -> None:
+    """Parse the options of command `name` and run it."""
     if name in LIGHTNING_COMMANDS:
-        run_lightning(argv)
+        run_lightning([name, *options])
         return
     from jsonargparse import CLI
 
@@ -80,25 +112,41 @@ def command(name: str) -> Callable:
         from vaegan.latents import decode_latents
 
         return decode_latents
-    print(HELP, file=sys.stderr)
-    raise SystemExit(f"vaegan: unknown command {name!r}")
+    raise CommandFailed(f"unknown command {name!r}; `vaegan --help` lists the commands")
 
 
 def run_lightning(argv: list[str]) -> None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
+    from vaegan.checkpoints import check_complete
     from vaegan.data import ImageDataModule
-    from vaegan.module import VAEGAN
+    from vaegan.module import VAEGAN, TrainingDiverged
+
+    class CLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            # LightningCLI reads a checkpoint named by --ckpt_path for its hyperparameters right after this:
+            # one cut short is refused by name here rather than by the zip reader.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                check_complete(ckpt_path)
 
     use_wandb_offline_unless_logged_in()
-    LightningCLI(
-        VAEGAN,
-        ImageDataModule,
-        args=argv,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
-    )
+    # `args` is the command line on purpose (without --debug), which Lightning warns about when it runs from one.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    try:
+        CLI(
+            VAEGAN,
+            ImageDataModule,
+            args=argv,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": False},
+        )
+    except (TrainingDiverged, MisconfigurationException) as error:
+        raise CommandFailed(str(error)) from error
 
 
 # The run length is VAEGAN's `max_batches` (Lightning's step counter counts each of the two optimizers).

@@ -5,18 +5,26 @@ non-image and tiny files are dropped there. What only fails on a full decode (a 
 of a `datasets` source) is found at `__getitem__` time: the dataset falls back to the next index,
 deterministically, and reports the skipped file inside the batch. Both kinds are collected by the data
 module, which warns once per file (rank zero) and keeps them in `ImageDataModule.skipped`.
+
+A resumed run reads exactly what the interrupted one would have read next. The training order is a
+permutation per epoch seeded by (seed, epoch), each crop and flip is drawn with a seed derived from (seed,
+epoch, sample), and the training loader's place in its epoch goes into every checkpoint (Lightning saves and
+restores the state of a loader that has `state_dict`/`load_state_dict`). None of it depends on the data
+workers, so their number can change between runs. Streamed sources are the exception: a resumed stream starts
+its pass over, with crops drawn by the workers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from vaegan.images import ImageError, check_size, load_image
 from vaegan.readers import (
@@ -35,6 +43,7 @@ from vaegan.readers import (
     open_reader,
     row_name,
 )
+from vaegan.seeds import derived_seed, seeded_generator
 
 # A stream has no length, so a fraction cannot be held out of it: this many leading examples are, by default.
 STREAMING_HOLDOUT = 1000
@@ -44,18 +53,26 @@ STREAMING_SHUFFLE_BUFFER = 1000
 MAX_FALLBACKS = 100
 
 
+class Sample(NamedTuple):
+    """A training item as the sampler hands it out: which image, and the seed of its random crop and flip."""
+
+    index: int
+    seed: int
+
+
 class ImageDataset(Dataset):
     """Map-style: item i is `{"image": (3, R, R) tensor, "skipped": [(name, reason), ...]}`.
 
     An unreadable or tiny image at i is replaced by the next readable index (i+1, i+2, ...), so a given index
     always yields the same image, and the replaced names travel with the item to the data module's count.
     `repeats` lists every image that many times per epoch (random crops make each repeat a new sample).
+    Asked for a `Sample` rather than an index, the transform draws from a generator seeded by the sample's seed.
     """
 
     def __init__(
         self,
         reader: ImageReader,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image, torch.Generator | None], torch.Tensor],
         min_size: int,
         repeats: int = 1,
     ):
@@ -67,7 +84,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader) * self.repeats
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | Sample) -> dict[str, Any]:
+        index, generator = key, None
+        if isinstance(key, Sample):
+            index, generator = key.index, torch.Generator().manual_seed(key.seed)
         size = len(self.reader)
         skipped: list[Skip] = []
         for offset in range(min(size, MAX_FALLBACKS)):
@@ -81,7 +101,7 @@ class ImageDataset(Dataset):
                 self._bad.add(position)
                 skipped.append((self.reader.name(position), str(error)))
                 continue
-            return {"image": self.transform(image), "skipped": skipped}
+            return {"image": self.transform(image, generator), "skipped": skipped}
         raise RuntimeError(
             f"no readable image in {min(size, MAX_FALLBACKS)} tries from index {index}; broken source? "
             + "; ".join(reason for _, reason in skipped[:5])
@@ -133,6 +153,72 @@ class StreamingImageDataset(IterableDataset):
         if pending is not None:
             pending["skipped"] += skipped
             yield pending
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation per epoch seeded by (seed, epoch), of which each of `world_size` ranks
+    takes every `world_size`-th item, as `DistributedSampler` does (a subclass, so Lightning keeps it under DDP).
+
+    Items come out as `Sample`s whose crop seed is derived from (seed, epoch, index): a crop depends neither on
+    the worker that decodes it nor on where a run was resumed. `skip` of this rank's items are passed over,
+    unread, at the start of the next pass: where a resumed run picks its epoch up.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Sample]:
+        size = len(self.dataset)
+        order = torch.randperm(size, generator=seeded_generator(self.seed, self.epoch, "order")).tolist()
+        # Repeated to a multiple of world_size, so that every rank runs as many batches.
+        order = (order * math.ceil(self.total_size / size))[: self.total_size]
+        skip, self.skip = self.skip, 0
+        for index in order[self.rank:self.total_size:self.num_replicas][skip:]:
+            yield Sample(index, derived_seed(self.seed, self.epoch, index, "crop"))
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, whose place in the data goes into Lightning's checkpoints.
+
+    Lightning saves `state_dict()` of a training loader that has one with every checkpoint, and on resume hands
+    it to `load_state_dict` before the first batch is drawn. The place is counted here, in the main process, as
+    batches reach the training loop: the workers read ahead, so how far they got says nothing.
+    """
+
+    sampler: EpochSampler
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, **options: Any):
+        super().__init__(dataset, sampler=sampler, **options)
+        self._served = 0  # items of this rank's epoch handed out so far
+
+    def __iter__(self) -> Iterator[Any]:
+        self._served = self.sampler.skip
+        for batch in super().__iter__():
+            self._served = min(self._served + self.batch_size, self.sampler.num_samples)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "served": self._served, "world_size": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = state["epoch"], state["served"]
+        if state["world_size"] != self.sampler.num_replicas:
+            rank_zero_warn(
+                f"the checkpoint was written by a run on {state['world_size']} processes, this one has "
+                f"{self.sampler.num_replicas}: epoch {epoch} starts over, so its first images are seen twice"
+            )
+            served = 0
+        if served >= self.sampler.num_samples:  # saved after the epoch's last batch: the next epoch is due
+            epoch, served = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = served
+        self._served = served
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -202,7 +288,8 @@ class ImageDataModule(L.LightningDataModule):
             val_holdout: fraction of `source` held out for validation when neither `val_source` nor
                 `val_split` is given (1% keeps validation small next to training).
             val_count: number of validation images (held out, or the first of `val_source`); None: see above.
-            seed: seeds the held-out split and the stream shuffle, so reruns validate on the same images.
+            seed: seeds the held-out split, the training order and crops, and the stream shuffle, so reruns
+                see the same images in the same order (`seed_everything` seeds the model, not the data).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -313,24 +400,29 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=not self.streaming)
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        if self.streaming:
+            return self._loader(self.train_dataset)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpochSampler(self.train_dataset, self.seed, rank, world_size)
+        return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
+        if self.val_dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
+        return self._loader(self.val_dataset)
+
+    def _loader(self, dataset: Dataset, sampler: EpochSampler | None = None) -> DataLoader:
+        options = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=collate_images,
             # Workers keep their copies (and the datasets' bad-index memory) across epochs, and start once.
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+        return DataLoader(dataset, **options) if sampler is None else ResumableLoader(dataset, sampler, **options)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the batch's skipped files; the LightningModule receives the image tensor (B, 3, R, R)."""

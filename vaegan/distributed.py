@@ -56,6 +56,14 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
         gradient.copy_(averaged.view_as(gradient))
 
 
+def on_every_rank(condition: torch.Tensor) -> bool:
+    """Whether a boolean tensor is true on every rank: one all-reduce, so that all ranks take the same branch."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        condition = condition.to(torch.int32)
+        dist.all_reduce(condition, op=dist.ReduceOp.MIN)
+    return bool(condition)
+
+
 if STRATEGY_NAME not in StrategyRegistry:
     StrategyRegistry.register(
         STRATEGY_NAME, GANDDPStrategy,

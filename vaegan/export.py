@@ -9,6 +9,7 @@ import torch
 
 from vaegan.autoencoder import AutoencoderKL
 from vaegan.card import model_card
+from vaegan.checkpoints import check_complete
 from vaegan.formats import FormatError, load, save
 from vaegan.images import ImageError
 from vaegan.metrics import LatentStatistics
@@ -93,6 +94,7 @@ def export(
         measure: measure the normalisation; false keeps the checkpoint's.
         eval_report: a `vaegan eval` output folder whose results the model card shows.
     """
+    check_complete(checkpoint)  # a checkpoint cut short by a crash gets that said, not a zip reader's complaint
     vae = load(checkpoint, weights=weights)
     if measure:
         if data is None:

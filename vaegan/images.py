@@ -152,9 +152,9 @@ def random_crop(
 
     Native resolution because the autoencoder must reproduce the detail it will later encode; downscaling
     first would train it on smoother images than it meets. An image whose shorter side is below `size` is
-    upscaled (antialiased bicubic) until it fits. Randomness comes from torch, so DataLoader workers are
-    seeded by Lightning's `seed_everything(workers=True)`. Returns the crop, its box in source pixels and
-    whether it was flipped.
+    upscaled (antialiased bicubic) until it fits. The position and the flip are drawn from `generator` (training
+    passes one seeded per sample, see `vaegan.data`), else from torch's global generator. Returns the crop, its
+    box in source pixels and whether it was flipped.
     """
     width, height = image.size
     scale = max(1.0, size / min(width, height))

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from vaegan.weights import WEIGHTS_DIR_VARIABLE, torchvision_pretrained, weights_dir_file
+from vaegan.weights import WEIGHTS_DIR_VARIABLE, MissingWeights, torchvision_pretrained, weights_dir_file
 
 InceptionVariant = Literal["auto", "pytorch-fid", "torchvision"]
 INCEPTION_FILE = "inception_v3_features.safetensors"
@@ -44,7 +44,7 @@ INPUT_SIZE = 299
 CLASSES = {"pytorch-fid": 1008, "torchvision": 1000}
 
 
-class MissingInceptionWeights(RuntimeError):
+class MissingInceptionWeights(MissingWeights):
     """No Inception weights anywhere: the message names the file that enables rFID."""
 
 

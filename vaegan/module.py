@@ -4,24 +4,37 @@ Read `training_step` top to bottom: one generator (autoencoder) step, then one d
 batch. Optimization is manual, so this module does what the Trainer cannot: gradient accumulation,
 clipping, the EMA, and counting *batches* (Lightning's `global_step` counts every optimizer step, two per
 batch once the discriminator trains, which silently halves step-based schedules in other trainers).
+
+Exact resume. A run resumed from any checkpoint, mid-epoch included, continues as if it had never stopped:
+the parameters, the buffers (batch counter, seed, bad-step counts), the optimizer and scheduler states and the
+training loader's place are all in the checkpoint. Two rules keep it so for anything added here:
+  * state that changes during training is a parameter or a registered buffer, never a plain attribute;
+  * every random draw of a training step comes from `self.rng(purpose)`, a generator seeded by (seed, batch,
+    purpose, rank), never from torch's global generator, whose state depends on what ran before (data
+    workers, validation, a restart).
+
+One bad step does not end a run: a network whose loss or gradients are not finite skips that update (weights,
+optimizer, schedule and EMA stay as they were), which is counted and logged with the batch number; only
+`max_bad_steps` of them in a row stop the run, with `TrainingDiverged`, before the next checkpoint is written.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vaegan.autoencoder import AutoencoderKL, preset
+from vaegan.checkpoints import check_complete, save_checkpoint, unreadable
 from vaegan.discriminator import PatchDiscriminator
-from vaegan.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients
+from vaegan.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients, on_every_rank
 from vaegan.files import write_json
 from vaegan.formats import load
 from vaegan.grids import reconstruction_grid, save_grid
@@ -37,9 +50,17 @@ from vaegan.losses import (
 from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
 from vaegan.normalization import LatentNormalization, measured_layout
 from vaegan.perceptual import PerceptualLoss
+from vaegan.seeds import seeded_generator
 
 # Parameters and buffers of the frozen LPIPS network in this module's state dict.
 PERCEPTUAL_PREFIX = "perceptual."
+# The two networks' places in the bad-step counters.
+NETWORKS = ("generator", "discriminator")
+GENERATOR, DISCRIMINATOR = range(len(NETWORKS))
+
+
+class TrainingDiverged(RuntimeError):
+    """`max_bad_steps` updates in a row of one network had a loss or gradients that were not finite."""
 
 
 class VAEGAN(L.LightningModule):
@@ -77,6 +98,8 @@ class VAEGAN(L.LightningModule):
         ema_decay: decay of the weight EMA (None: no EMA); warmed up as min(decay, (1 + n) / (10 + n)).
         validate_with_ema: validate (and export) the EMA weights.
         max_batches: training length in batches; the run stops there (set the Trainer's `max_steps` to -1).
+        max_bad_steps: updates in a row of one network with a loss or gradients that are not finite (each one
+            skipped) after which the run stops; a few in a row happen when fp16's loss scale is calibrated.
         channels_last: run the networks in channels_last memory format (faster convolutions on GPUs).
         compile: `torch.compile` the autoencoder (the discriminator, a small share of the work, stays eager).
         grid_images: validation images shown in the reconstruction grid.
@@ -117,6 +140,7 @@ class VAEGAN(L.LightningModule):
         ema_decay: float | None = 0.999,
         validate_with_ema: bool = True,
         max_batches: int = 100_000,
+        max_bad_steps: int = 20,
         channels_last: bool = False,
         compile: bool = False,
         grid_images: int = 8,
@@ -150,6 +174,12 @@ class VAEGAN(L.LightningModule):
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         # Counted here rather than read from the Trainer: see the module docstring.
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        # What training draws is seeded from this (see `rng`); drawn from torch's global generator, so
+        # `seed_everything` decides it, and kept in checkpoints, so a resumed run goes on with the same one.
+        self.register_buffer("seed", torch.randint(0, 2**62, ()))
+        # Skipped updates of (generator, discriminator): in this run, and since the last good one.
+        self.register_buffer("bad_steps", torch.zeros(len(NETWORKS), dtype=torch.long))
+        self.register_buffer("bad_steps_in_a_row", torch.zeros(len(NETWORKS), dtype=torch.long))
 
         self._latent_statistics = LatentStatistics()
         self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -157,6 +187,12 @@ class VAEGAN(L.LightningModule):
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        # Lightning's own writer renames a file from /tmp, a copy when /tmp is another disk; ours never
+        # leaves a checkpoint half-written and names a broken one when asked to load it. A writer of the
+        # user's own choosing is left alone.
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = WholeCheckpointIO()
         if stage == "fit" and self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, GANDDPStrategy):
             raise ValueError(
                 f"training on {self.trainer.world_size} processes needs --trainer.strategy={STRATEGY_NAME}: "
@@ -206,11 +242,22 @@ class VAEGAN(L.LightningModule):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     # ---------------------------------------------------------------- the objective
-    def reconstruct(self, images: torch.Tensor):
-        """Encode (without gradients when only the decoder trains), sample, decode."""
+    def rng(self, purpose: str) -> torch.Generator:
+        """The random generator of this batch's draws of one kind (`purpose`), on the module's device.
+
+        Seeded by (seed, batch, purpose, rank): the same numbers whether the run started at batch 0 or was resumed
+        just before this batch, different for every purpose, batch and rank. Every random draw of a training step
+        comes from one of these (see the module docstring).
+        """
+        return seeded_generator(
+            int(self.seed), int(self.batches_seen), purpose, self.global_rank, device=self.device
+        )
+
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """Encode (without gradients when only the decoder trains), sample with `generator`, decode."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.train_decoder_only):
             posterior = self.vae.encode(images)
-            latents = posterior.sample()
+            latents = posterior.sample(generator)
         return self.vae.decode(latents), posterior
 
     def generator_losses(self, images, reconstructions, posterior, gan_factor: float) -> dict[str, torch.Tensor]:
@@ -256,11 +303,10 @@ class VAEGAN(L.LightningModule):
 
         # 1. Generator: the discriminator's parameters are frozen while toggled, so no gradient leaks into it.
         with self.toggled_optimizer(opt_g):
-            reconstructions, posterior = self.reconstruct(images)
+            reconstructions, posterior = self.reconstruct(images, self.rng("posterior"))
             g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor)
             self.manual_backward(g_losses["loss"] / hp.accumulate_grad_batches)
-            if steps_now:
-                self._step(opt_g, sched_g)
+            if steps_now and self._step(opt_g, sched_g, g_losses["loss"], GENERATOR):
                 self._update_ema()
 
         # 2. Discriminator, on detached reconstructions: no gradient reaches the autoencoder.
@@ -271,7 +317,7 @@ class VAEGAN(L.LightningModule):
                 d_loss = discriminator_loss(hp.gan_loss, real_logits, fake_logits)
                 self.manual_backward(d_loss / hp.accumulate_grad_batches)
                 if steps_now:
-                    self._step(opt_d, sched_d)
+                    self._step(opt_d, sched_d, d_loss, DISCRIMINATOR)
             g_losses["discriminator"] = d_loss
             g_losses["logits_real"] = real_logits.mean()
             g_losses["logits_fake"] = fake_logits.mean()
@@ -281,13 +327,48 @@ class VAEGAN(L.LightningModule):
         if self.batches_seen >= hp.max_batches:
             self.trainer.should_stop = True
 
-    def _step(self, optimizer, scheduler) -> None:
-        average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+    def _step(self, optimizer, scheduler, loss: torch.Tensor, network: int) -> bool:
+        """Average this network's gradients over the ranks and update it, unless its loss or a gradient is not
+        finite: then nothing changes but the bad-step counts. Returns whether the network was updated."""
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        average_gradients(parameters)
+        values = [loss.detach(), *(p.grad for p in parameters if p.grad is not None)]
+        finite = on_every_rank(torch.stack([value.isfinite().all() for value in values]).all())
+        if finite:
+            optimizer.step()  # clips in `on_before_optimizer_step`
+            scheduler.step()
+            self.bad_steps_in_a_row[network] = 0
+        else:
+            self._skip_step(network)
+        optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this inside `optimizer.step()`, after un-scaling fp16 gradients, so the threshold
+        # means the same in every precision.
         if self.hparams.grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+
+    def _skip_step(self, network: int) -> None:
+        """Count and report a skipped update; stop the run after `max_bad_steps` of them in a row."""
+        self.bad_steps[network] += 1
+        self.bad_steps_in_a_row[network] += 1
+        batch, in_a_row, name = int(self.batches_seen), int(self.bad_steps_in_a_row[network]), NETWORKS[network]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            # fp16: back the loss scale off, as the scaler does when it skips a step itself.
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        if in_a_row >= self.hparams.max_bad_steps:
+            raise TrainingDiverged(
+                f"batch {batch}: the {name}'s loss or gradients were not finite {in_a_row} times in a row "
+                f"(max_bad_steps={self.hparams.max_bad_steps}); each of those updates was skipped, so the "
+                "weights are finite and the last checkpoint is intact. Resume from it with a lower learning "
+                "rate, or in bf16-mixed or 32-bit precision if this ran in fp16"
+            )
+        rank_zero_warn(
+            f"batch {batch}: the {name}'s loss or gradients are not finite; its update is skipped "
+            f"({in_a_row} in a row, {int(self.bad_steps[network])} in this run)"
+        )
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -305,6 +386,7 @@ class VAEGAN(L.LightningModule):
         logged = {f"train/{name}": value.detach().float() for name, value in losses.items()}
         logged["train/logvar"] = self.logvar.detach()
         logged["train/batches"] = self.batches_seen.float()
+        logged["train/bad_steps"] = self.bad_steps.sum().float()
         self.log_dict(logged, batch_size=batch_size)
         self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
 
@@ -405,23 +487,15 @@ class VAEGAN(L.LightningModule):
         # anyway), so it is not stored again in every checkpoint (58 MB with VGG).
         for key in [key for key in checkpoint["state_dict"] if key.startswith(PERCEPTUAL_PREFIX)]:
             del checkpoint["state_dict"][key]
-        # Random states, so that a resumed run draws the same crops and posterior samples.
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_tensors(np.random.get_state()),
-            "python": random.getstate(),
-        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before the strict state-dict load: put back the LPIPS weights this module was built with.
         state = checkpoint["state_dict"]
         for key, value in self.perceptual.state_dict().items():
             state.setdefault(PERCEPTUAL_PREFIX + key, value)
-        states = checkpoint.get("rng_states")
-        if states is not None:
-            torch.set_rng_state(states["torch"])
-            np.random.set_state(_numpy_state_from_tensors(states["numpy"]))
-            random.setstate(_as_tuples(states["python"]))
+        # Checkpoints written before the seed and the bad-step counts existed: this run's seed, no bad steps.
+        for name in ("seed", "bad_steps", "bad_steps_in_a_row"):
+            state.setdefault(name, getattr(self, name))
 
     # ---------------------------------------------------------------- helpers
     def _images(self, batch) -> torch.Tensor:
@@ -431,18 +505,21 @@ class VAEGAN(L.LightningModule):
         return images
 
 
-def _numpy_state_to_tensors(state: tuple) -> dict:
-    """numpy's RNG state with its array as a tensor, so checkpoints load with `weights_only=True`."""
-    name, keys, position, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer and reader, for local files through `vaegan.checkpoints`: a checkpoint is
+    renamed into place only once whole, and one that is not whole is refused with a message naming it."""
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_checkpoint(checkpoint, path)
 
-def _numpy_state_from_tensors(state: dict) -> tuple:
-    keys = state["keys"].numpy().astype(np.uint32)
-    return state["name"], keys, state["position"], state["has_gauss"], state["cached"]
-
-
-def _as_tuples(value):
-    """Python's RNG state is nested tuples; a checkpoint round trip may give lists back."""
-    return tuple(_as_tuples(item) for item in value) if isinstance(value, list | tuple) else value
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        check_complete(path)
+        try:
+            return super().load_checkpoint(path, map_location, weights_only)
+        except Exception as error:  # zip, pickle and unpickler errors of a damaged file come in many types
+            raise unreadable(path, error) from error

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vaegan.weights import WEIGHTS_DIR_VARIABLE, torchvision_pretrained, weights_dir_file
+from vaegan.weights import WEIGHTS_DIR_VARIABLE, MissingWeights, torchvision_pretrained, weights_dir_file
 
 PerceptualNet = Literal["vgg", "alex", "squeeze"]
 
@@ -76,7 +76,7 @@ class PerceptualLoss(nn.Module):
         features, self.backbone_source = find_backbone(net, weights)
         if features is None:
             if not allow_random_backbone:
-                raise RuntimeError(missing_weights_message(net, self.backbone_source))
+                raise MissingWeights(missing_weights_message(net, self.backbone_source))
             warnings.warn(
                 f"LPIPS-{net} runs on a RANDOM backbone: the perceptual loss measures nothing perceptual. "
                 f"{missing_weights_message(net, self.backbone_source)}",

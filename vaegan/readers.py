@@ -162,13 +162,14 @@ class ReaderSubset:
 
 
 class TrainCrop:
-    """Random native-resolution crop (upscaled when the image is smaller) and optional flip, as a tensor."""
+    """Random native-resolution crop (upscaled when the image is smaller) and optional flip, as a tensor; drawn
+    from `generator` when given, else from torch's global generator."""
 
     def __init__(self, resolution: int, flip: bool):
         self.resolution, self.flip = resolution, flip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        crop, _, _ = random_crop(image, self.resolution, flip=self.flip)
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        crop, _, _ = random_crop(image, self.resolution, flip=self.flip, generator=generator)
         return to_tensor(crop)  # (3, R, R) in [-1, 1]
 
 
@@ -178,7 +179,8 @@ class EvalCrop:
     def __init__(self, resolution: int):
         self.resolution = resolution
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`generator` is accepted so that both crops are called alike, and unused: nothing here is random."""
         crop, _ = resize_center_crop(image, self.resolution)
         return to_tensor(crop)  # (3, R, R) in [-1, 1]
 

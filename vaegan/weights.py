@@ -15,6 +15,11 @@ WEIGHTS_DIR_VARIABLE = "VAEGAN_WEIGHTS_DIR"
 OFFLINE_VARIABLE = "VAEGAN_OFFLINE"
 
 
+class MissingWeights(RuntimeError):
+    """Pretrained weights that are nowhere on disk and may not be downloaded: the message names the file to
+    provide and where to put it."""
+
+
 def weights_dir_file(file_name: str, tried: list[str]) -> Path | None:
     """`$VAEGAN_WEIGHTS_DIR/file_name` when that file exists; otherwise None, with the reason added to `tried`."""
     weights_dir = os.environ.get(WEIGHTS_DIR_VARIABLE)
