@@ -265,21 +265,20 @@ def eq_vae_transform(
     rotate: bool = True,
 ) -> LatentTransform:
     """EQ-VAE's τ (Kouzelis et al., "EQ-VAE: Equivariance Regularized Latent Space for Improved Generative Image
-    Modeling", 2025): a bilinear downscale by s ~ U[min_scale, 1), a rotation by k·90° with k ~ {1, 2, 3}, or both.
+    Modeling", 2025): a bilinear downscale by s ~ U[min_scale, 1) and a rotation by k·90° with k ~ {1, 2, 3}.
 
-    With both kinds enabled each of the three (scale, rotation, both) is drawn with equal chance. The scaled
-    latent is round(s·h) × round(s·w) (at least 1), and the image is scaled to f times that. Every draw comes
-    from `generator` (a CPU generator).
+    As in the authors' code, both are applied together; `scale=False` or `rotate=False` leaves one out. The
+    scaled latent is round(s·h) × round(s·w) (at least 1), and the image is scaled to f times that, both with
+    `resize` (antialiased, where the authors' code resamples without a low-pass filter). Every draw comes from
+    `generator` (a CPU generator).
     """
     if not (scale or rotate):
         raise ValueError("EQ-VAE needs at least one kind of transform: scale, rotate or both")
-    kinds = [kind for kind, on in (("scale", scale), ("rotate", rotate), ("both", scale and rotate)) if on]
-    kind = kinds[int(torch.randint(len(kinds), (1,), generator=generator))]
     size, quarter_turns = None, 0
-    if kind in ("scale", "both"):
+    if scale:
         s = min_scale + (1.0 - min_scale) * float(torch.rand((), generator=generator))
         size = (max(1, round(s * latent_size[0])), max(1, round(s * latent_size[1])))
-    if kind in ("rotate", "both"):
+    if rotate:
         quarter_turns = int(torch.randint(1, 4, (1,), generator=generator))
     return LatentTransform(size, quarter_turns)
 

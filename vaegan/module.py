@@ -80,11 +80,13 @@ class VAEGAN(L.LightningModule):
             decoder's last layer (LDM); else a constant weight (LiteVAE's choice under mixed precision).
         gan_loss: `hinge` (LDM), `vanilla` or `non_saturating`.
         disc_layers, disc_channels, disc_norm, disc_spectral_norm: the PatchGAN's shape.
-        eq_weight: weight of EQ-VAE's equivariance term d(D(τ·z), τ·x) (0: off); `eq_start`, `eq_ramp` and
-            `eq_end` schedule it in batches (see `losses.term_schedule`), as for every regulariser below.
-        eq_probability: chance per batch that the term is applied (0.5 in EQ-VAE).
+        eq_weight: weight of EQ-VAE's equivariance term d(D(τ·z), τ·x) (0: off), d being the pixel loss plus the
+            weighted LPIPS; `eq_start`, `eq_ramp` and `eq_end` schedule it in batches (see
+            `losses.term_schedule`), as for every regulariser below.
+        eq_probability: chance per batch that the term is applied (0.5 in EQ-VAE, whose code trains on the
+            transformed pair *instead of* the plain one on those batches; here it is added beside it).
         eq_min_scale: τ's downscale s is drawn from [eq_min_scale, 1).
-        eq_scale, eq_rotate: which kinds of τ EQ-VAE draws (downscales, 90° rotations, or both).
+        eq_scale, eq_rotate: the parts of τ: a downscale and a 90° rotation, together as in EQ-VAE, or one alone.
         se_weight, se_start, se_ramp, se_end: scale equivariance, d(D(↓z), ↓x) every batch (0: off).
         se_factors: the downsampling factors ↓ is drawn from.
         noise_weight, noise_start, noise_ramp, noise_end: latent noise, d(D(z + σ·ε), x) (0: off).
