@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from vaegan.diagnostics import (
     ChannelMoments,
     Spectra,
+    alignment_cosine,
     equivariance_errors,
     high_frequency_share,
+    linear_probe,
     max_offdiagonal,
     noise_robustness,
     power_spectrum,
@@ -122,3 +124,21 @@ def test_channel_correlation_matches_numpy():
     np.testing.assert_allclose(moments.correlation().numpy(), expected, atol=1e-10)
     assert max_offdiagonal(moments.correlation()) == pytest.approx(abs(expected[0, 1]))
     assert max_offdiagonal(moments.correlation()) > 0.99
+
+
+def test_a_linear_probe_recovers_a_linear_map_and_its_cosine_is_one():
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 6, 6, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    bias = torch.randn(5, generator=generator, dtype=torch.float64)
+    features = torch.einsum("dc,bchw->bdhw", weight, latents) + bias.view(1, -1, 1, 1)  # (3, 5, 6, 6)
+    fitted_weight, fitted_bias = linear_probe(latents, features)
+    torch.testing.assert_close(fitted_weight, weight)
+    torch.testing.assert_close(fitted_bias, bias)
+    assert alignment_cosine(latents, features, fitted_weight, fitted_bias).tolist() == pytest.approx([1.0] * 3)
+    # Unrelated features: a probe fitted on them explains little.
+    noise = torch.randn(3, 5, 6, 6, generator=generator, dtype=torch.float64)
+    assert alignment_cosine(latents, noise, *linear_probe(latents, noise)).mean() < 0.5
+    # A 1x1 conv's weight (D, C, 1, 1) is read the same way.
+    conv_weight = weight.view(5, 4, 1, 1)
+    assert alignment_cosine(latents, features, conv_weight, bias).tolist() == pytest.approx([1.0] * 3)

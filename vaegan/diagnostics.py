@@ -11,6 +11,8 @@ model, with the transforms and the resampling of the regularisers that train for
   energy above half the Nyquist frequency, next to the same for the images resized to the latent's grid.
   Latents noisier in high frequencies than images are harder to diffuse.
 - **channel statistics**: per-channel mean, std and the correlation between channels (`ChannelMoments`).
+- **alignment to a vision model**: the cosine of VA-VAE's loss through a least-squares 1×1 probe or a trained
+  head (`linear_probe`, `alignment_cosine`; `scripts/measure_alignment.py`).
 
 Everything takes a `decode` callable (normalised latents -> images in [-1, 1]) and tensors, so the same code
 measures any codec, including the identity-like ones the tests check it with.
@@ -204,3 +206,39 @@ def max_offdiagonal(correlation: torch.Tensor) -> float:
         return 0.0
     mask = ~torch.eye(correlation.shape[0], dtype=torch.bool)
     return correlation.abs()[mask].max().item()
+
+
+# ---------------------------------------------------------------- alignment to a vision model
+
+
+def linear_probe(latents: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares 1×1 projection from latents to vision features: weight (D, C) and bias (D,), float64.
+
+    `latents` (B, C, h, w) are resized to the features' grid (B, D, g, g') first, as VA-VAE's loss does, and every
+    position is one sample. It measures how linearly a latent space already holds the features, for a model
+    trained without alignment as well as with it.
+    """
+    x = _positions(resize(latents.double(), tuple(features.shape[-2:])))  # (N, C)
+    y = _positions(features.double())  # (N, D)
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    solution = torch.linalg.lstsq(x, y).solution  # (C + 1, D)
+    return solution[:-1].T.contiguous(), solution[-1].contiguous()
+
+
+def alignment_cosine(
+    latents: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cosine per image (B,) between W·z + b at every position (resized to the features' grid) and the
+    feature there: the first term of VA-VAE's loss without its margin. `weight` (D, C) or a 1×1 conv's (D, C, 1, 1).
+    """
+    weight = weight.double().reshape(weight.shape[0], -1)
+    z = resize(latents.double(), tuple(features.shape[-2:]))  # (B, C, g, g')
+    projected = torch.einsum("dc,bchw->bdhw", weight, z)
+    if bias is not None:
+        projected = projected + bias.double().view(1, -1, 1, 1)
+    return torch.nn.functional.cosine_similarity(projected, features.double(), dim=1).mean(dim=(1, 2))
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B·h·w, C)."""
+    return x.transpose(0, 1).flatten(1).T
