@@ -20,6 +20,8 @@ real photos (scikit-image's astronaut and coffee), so that speed is not bought w
 
     VAEGAN_WEIGHTS_DIR=/work/shared/assets/lpips \
         python scripts/benchmark_train.py --arch tiny --resolution 64 --batch-size 4 --steps 6 --warmup 2
+    # the cost of each diffusability regulariser per batch, against the plain objective
+    python scripts/benchmark_train.py --arch tiny --resolution 64 --batch-size 8 --regularizers eq se noise align
     python scripts/benchmark_train.py --device cuda --arch sd --resolution 256 --batch-size 8 \
         --precision 32 bf16-mixed --compile --channels-last --json train_bench.json
 """
@@ -164,9 +166,22 @@ def reconstruction_psnr(encode_decode, photos: torch.Tensor) -> float:
 # ---------------------------------------------------------------- vaegan
 
 
-def build_module(args) -> VAEGAN:
+# Each regulariser switched on at full weight from the first batch. EQ-VAE is applied on every batch here
+# (`eq_probability` 1), so its row is the cost of a batch that has it; at the paper's p = 0.5 it averages half.
+REGULARIZERS: dict[str, dict] = {
+    "eq": {"eq_weight": 1.0, "eq_probability": 1.0},
+    "se": {"se_weight": 1.0},
+    "noise": {"noise_weight": 1.0},
+    "align": {"align_weight": 0.1},
+}
+
+
+def build_module(args, regularizer: str | None = None) -> VAEGAN:
     """The `VAEGAN` module under test, seeded so every variant starts from the same weights."""
     torch.manual_seed(0)
+    options = dict(REGULARIZERS[regularizer]) if regularizer else {}
+    if regularizer == "align":
+        options["align_backbone"] = args.align_backbone
     return VAEGAN(
         arch=args.arch,
         perceptual_net=args.perceptual_net,
@@ -175,13 +190,15 @@ def build_module(args) -> VAEGAN:
         max_batches=args.warmup + args.steps,
         channels_last=args.channels_last,
         compile=args.compile,
+        **options,
     )
 
 
-def run_vaegan(args, precision: str, batches: list[torch.Tensor], photos: torch.Tensor) -> dict:
+def run_vaegan(args, precision: str, batches: list[torch.Tensor], photos: torch.Tensor,
+               regularizer: str | None = None) -> dict:
     """Train `VAEGAN` with a Lightning Trainer; return throughput, peak memory and PSNR after training."""
     device = torch.device(args.device)
-    module = build_module(args)
+    module = build_module(args, regularizer)
     timer = BatchTimer(args.warmup, device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -288,6 +305,19 @@ def initial_psnr(args, photos: torch.Tensor) -> float:
     return reconstruction_psnr(lambda x: vae.decode(vae.encode(x).mode()), photos)
 
 
+def print_regularizer_costs(rows: list[dict], batch_size: int) -> None:
+    """Milliseconds per batch of each regulariser's row against the plain vaegan row of the same precision."""
+    plain = {row["precision"]: row for row in rows if row.get("precision") and not row.get("regularizer")}
+    print(f"\n{'regulariser':<12} {'precision':<11} {'ms/batch':>9} {'plain ms':>9} {'cost':>9}")
+    for row in rows:
+        if not row.get("regularizer"):
+            continue
+        base = plain[row["precision"]]
+        ms, base_ms = (1000 * batch_size / r["images_per_sec"] for r in (row, base))
+        print(f"{row['regularizer']:<12} {row['precision']:<11} {ms:>9.0f} {base_ms:>9.0f} "
+              f"{100 * (ms / base_ms - 1):>+8.0f}%")
+
+
 def print_table(rows: list[dict], steps: int) -> None:
     """One line per implementation x settings."""
     reference_speed = rows[0]["images_per_sec"]
@@ -319,8 +349,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="run vaegan in channels_last")
     parser.add_argument("--perceptual-net", choices=["vgg", "alex", "squeeze"], default="squeeze",
                         help="LPIPS backbone of both sides (weights from $VAEGAN_WEIGHTS_DIR)")
+    parser.add_argument("--regularizers", nargs="+", choices=list(REGULARIZERS), default=[],
+                        help="also time vaegan with each of these diffusability regularisers on, one row each")
+    parser.add_argument("--align-backbone", default="alexnet",
+                        help="vision model of the align row (its weights from $VAEGAN_WEIGHTS_DIR)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--row", help="internal: run only this row ('reference' or a precision) ...")
+    parser.add_argument("--row", help="internal: run only this row ('reference', a precision, or "
+                                          "precision+regulariser) ...")
     parser.add_argument("--row-output", type=Path, help="internal: ... and write its result here as JSON")
     return parser.parse_args()
 
@@ -332,7 +367,8 @@ def run_row(args) -> None:
     if args.row == "reference":
         result = run_reference(args, batches, photos)
     else:
-        result = run_vaegan(args, args.row, batches, photos)
+        precision, _, regularizer = args.row.partition("+")
+        result = run_vaegan(args, precision, batches, photos, regularizer or None)
     args.row_output.write_text(json.dumps(result))
 
 
@@ -358,14 +394,19 @@ def main() -> None:
     rows = [{"implementation": "reference", "settings": "fp32, diffusers, BatchNorm D"}]
     rows += [{"implementation": "vaegan", "settings": ", ".join([p, *options]), "precision": p}
              for p in args.precision]
+    rows += [{"implementation": "vaegan", "settings": ", ".join([p, *options, f"+ {r}"]), "precision": p,
+              "regularizer": r} for p in args.precision for r in args.regularizers]
     with tempfile.TemporaryDirectory() as directory:
         for index, row in enumerate(rows):
             output = Path(directory) / f"row{index}.json"
-            row.update(measure_in_subprocess(row.get("precision", "reference"), output))
+            key = "+".join(filter(None, [row.get("precision", "reference"), row.get("regularizer")]))
+            row.update(measure_in_subprocess(key, output))
 
     print(f"\narch {args.arch}, {args.resolution}px, batch {args.batch_size}, {args.device}, "
           f"{args.warmup} warm-up + {args.steps} timed batches, one G and one D step each")
     print_table(rows, args.warmup + args.steps)
+    if args.regularizers:
+        print_regularizer_costs(rows, args.batch_size)
     notes = [
         "training batches: random crops of synthetic random images (timing only)",
         f"PSNR: posterior mean on astronaut + coffee centre crops after {args.warmup + args.steps} "
@@ -377,6 +418,9 @@ def main() -> None:
         "peak MiB: CUDA max_memory_allocated; on CPU the peak RSS growth of the row's own process "
         "(process-wide)",
     ]
+    if args.regularizers:
+        notes.append("regulariser rows: weight 1 (align: 0.1 x adaptive, backbone "
+                     f"{args.align_backbone}) from batch 0; eq on every batch (eq_probability 1)")
     for note in notes:
         print(f"  - {note}")
     if args.json:

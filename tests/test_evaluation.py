@@ -230,8 +230,26 @@ def test_two_models_in_one_run_write_a_report_that_parses(assets, two_models, in
     with Image.open(sheets[0]) as sheet:
         assert sheet.width == 3 * (352 + 4) + 4  # original + two models; 176-px crops are shown at 2x
     table = (output / "results.md").read_text()
-    assert table.count("| ours |") == 1 and table.count("| second |") == 1 and "LPIPS-alex" in table
+    assert table.count("| ours |") == 2 and "LPIPS-alex" in table  # the reconstruction and the diagnostics tables
     with Image.open(output / "per_image.png") as plot:
+        assert plot.width > 400
+
+    # The latent diagnostics: per image in the CSV, aggregated in summary.json, a table and one spectra plot.
+    assert all(float(row["rotation_90_psnr"]) > 0 and float(row["scale_2x_lpips_alex"]) > 0 for row in rows)
+    assert all(float(row["noise_0.3_psnr"]) < float(row["noise_0.1_psnr"]) for row in rows)
+    diagnostics = ours["diagnostics"]
+    half = [float(row["scale_2x_psnr"]) for row in rows if row["model"] == "ours"]
+    assert diagnostics["equivariance"]["scale_2x"]["psnr"]["mean"] == pytest.approx(np.mean(half), abs=1e-4)
+    assert set(diagnostics["equivariance"]["rotation_90"]) == {"psnr", "lpips_alex"}
+    assert set(diagnostics["noise_robustness"]) == {"0.1", "0.3"}
+    spectrum = diagnostics["spectrum"]
+    assert len(spectrum["frequencies"]) == len(spectrum["latent"]) == len(spectrum["image"]) == 22  # 44 / 2 rings
+    assert 0 < spectrum["image_high_frequency_share"] < 1 and 0 < spectrum["latent_high_frequency_share"] < 1
+    correlation = np.array(ours["latent"]["channel_correlation"])
+    assert correlation.shape == (4, 4) and np.allclose(np.diag(correlation), 1.0)
+    assert {"shift", "scale"} <= set(ours["latent"]["suggested_factors"])
+    assert "## Latent diagnostics" in table and table.count("| second |") == 2
+    with Image.open(output / "spectra.png") as plot:
         assert plot.width > 400
 
 
@@ -241,7 +259,7 @@ def test_small_images_and_no_inception_weights_give_null_with_reasons(
     monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(assets / "lpips"))  # alex, but no Inception file
     first, _ = two_models
     result = evaluate(models=[str(first)], data=str(assets / "kodak"), resolution=64, max_images=2, num_workers=0,
-                      progress=False)
+                      diagnostics=False, progress=False)
     from vaegan.report import write_report
 
     write_report(result, tmp_path)
@@ -252,6 +270,7 @@ def test_small_images_and_no_inception_weights_give_null_with_reasons(
     assert metrics["psnr"]["mean"] > 0 and metrics["lpips_alex"]["mean"] > 0
     with (tmp_path / "per_image.csv").open() as file:
         assert [row["ms_ssim"] for row in csv.DictReader(file)] == ["", ""]
+    assert summary["models"][0]["diagnostics"] is None and not (tmp_path / "spectra.png").exists()
 
 
 def test_a_missing_lpips_backbone_stops_before_any_work(two_models, tmp_path, monkeypatch, offline_torchvision):

@@ -1,4 +1,5 @@
-"""Loss terms against hand-computed values, the adaptive GAN weight, the schedule, and the frozen LPIPS."""
+"""Loss terms against hand-computed values, the adaptive weights, the schedules, the diffusability regularisers
+(known values and gradients) and the frozen LPIPS."""
 
 import math
 import warnings
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -15,17 +17,27 @@ from torch import nn
 
 from vaegan.autoencoder import DiagonalGaussian
 from vaegan.losses import (
+    LatentTransform,
     adaptive_gan_weight,
+    adaptive_weight,
     discriminator_loss,
+    eq_vae_transform,
+    equivariance_loss,
     gan_weight_schedule,
     generator_adversarial_loss,
     hinge_d_loss,
     hinge_g_loss,
     kl_loss,
+    latent_noise_loss,
     nll_loss,
+    noisy_latents,
     non_saturating_g_loss,
     reconstruction_loss,
+    resize,
+    scale_equivariance_transform,
+    term_schedule,
     vanilla_d_loss,
+    vf_loss,
 )
 from vaegan.perceptual import PerceptualLoss
 
@@ -155,6 +167,154 @@ def test_gan_weight_schedule_counts_batches():
     assert [gan_weight_schedule(b, start=10, warmup=0) for b in (9, 10)] == [0.0, 1.0]
     assert gan_weight_schedule(0, start=0, warmup=0) == 1.0
     assert gan_weight_schedule(10, start=10, warmup=1) == 1.0
+
+
+def test_term_schedule_rises_holds_and_falls():
+    assert [term_schedule(b, start=10, ramp=4, end=20) for b in (9, 10, 13, 19, 20, 21, 22, 23, 100)] == [
+        0.0, 0.25, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0,
+    ]
+    assert [term_schedule(b, start=5, ramp=0, end=7) for b in (4, 5, 6, 7)] == [0.0, 1.0, 1.0, 0.0]
+    assert term_schedule(10**9, start=0, ramp=0) == 1.0
+    # A ramp longer than the stage: the fall starts from where the rise got to.
+    assert term_schedule(11, start=10, ramp=10, end=11) == pytest.approx(min(0.2, 0.9))
+
+
+def test_adaptive_weight_is_the_gan_weights_formula():
+    nll, g, w = linear_last_layer(2.0, 0.5)
+    assert adaptive_weight(nll, g, w).item() == adaptive_gan_weight(nll, g, w).item() == pytest.approx(4.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------- diffusability regularisers
+
+
+def nearest_up(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """An identity-like decoder of `F.avg_pool2d` latents: each latent pixel becomes factor x factor pixels."""
+    return x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def l1(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x_hat - x).abs().mean(dim=(1, 2, 3))
+
+
+def test_latent_transform_resizes_latent_and_image_alike_and_rotates():
+    x = torch.arange(2 * 3 * 8 * 6, dtype=torch.float32).view(2, 3, 8, 6)
+    turn = LatentTransform(quarter_turns=1)
+    torch.testing.assert_close(turn(x), torch.rot90(x, 1, dims=(-2, -1)))
+    assert LatentTransform()(x) is x
+    both = LatentTransform(size=(2, 3), quarter_turns=3)
+    assert both(x).shape == (2, 3, 3, 2) and both(x, factor=4).shape == (2, 3, 12, 8)
+    # Shrinking is antialiased: a 2x bilinear downscale of a constant stays that constant; a checkerboard greys.
+    assert torch.allclose(resize(torch.full((1, 1, 8, 8), 0.7), (4, 4)), torch.full((1, 1, 4, 4), 0.7))
+    checkerboard = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2.0 - 1  # +-1
+    assert resize(checkerboard[None, None], (4, 4)).abs().max() < 0.3
+    assert resize(x.bfloat16(), (4, 3)).dtype == torch.bfloat16
+
+
+def test_eq_vae_transform_draws_from_its_generator_only():
+    draws = [eq_vae_transform((32, 32), torch.Generator().manual_seed(seed)) for seed in range(300)]
+    torch.manual_seed(123)  # the global state plays no part
+    assert eq_vae_transform((32, 32), torch.Generator().manual_seed(7)) == draws[7]
+    assert all(8 <= d.size[0] <= 32 and d.size[0] == d.size[1] for d in draws)  # s in [0.25, 1), both kinds
+    assert {d.quarter_turns for d in draws} == {1, 2, 3}
+    sizes = [d.size[0] for d in draws]
+    assert min(sizes) == 8 and max(sizes) >= 31 and 18 < np.mean(sizes) < 22  # uniform: mean 0.625 * 32 = 20
+    assert all(d.size is None for d in (eq_vae_transform((8, 8), torch.Generator(), rotate=True, scale=False)
+                                        for _ in range(5)))
+    with pytest.raises(ValueError, match="at least one kind"):
+        eq_vae_transform((8, 8), torch.Generator(), scale=False, rotate=False)
+
+
+def test_scale_equivariance_transform_halves_or_quarters():
+    sizes = {scale_equivariance_transform((32, 16), torch.Generator().manual_seed(s)).size for s in range(40)}
+    assert sizes == {(16, 8), (8, 4)}
+
+
+def test_equivariance_loss_of_identity_like_decoders():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    # f = 1 and the identity: D(τ·z) = τ·x exactly, for every τ.
+    for transform in (LatentTransform((5, 5)), LatentTransform(quarter_turns=1), LatentTransform((4, 4), 2)):
+        assert equivariance_loss(lambda z: z, images, images, transform, l1).item() == 0.0
+    # f = 2, z = 2x2 average, D = nearest upsampling: both commute with a quarter turn, so the equivariance error
+    # of a rotation is the plain reconstruction error.
+    latents = F.avg_pool2d(images, 2)
+    expected = l1(nearest_up(latents), images).mean()
+    rotated = equivariance_loss(nearest_up, latents, images, LatentTransform(quarter_turns=1), l1)
+    assert rotated.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_equivariance_loss_trains_encoder_and_decoder():
+    decoder = nn.Conv2d(4, 3, 1)
+    latents = torch.randn(2, 4, 8, 8, requires_grad=True)
+    images = torch.rand(2, 3, 8, 8)
+    equivariance_loss(decoder, latents, images, LatentTransform((4, 4), 1), l1).backward()
+    assert latents.grad.abs().sum() > 0 and decoder.weight.grad.abs().sum() > 0
+
+
+def test_noisy_latents_scale_with_each_images_std():
+    z = torch.randn(4000, 1, 4, 4) * torch.tensor([0.5, 2.0]).repeat(2000).view(-1, 1, 1, 1)
+    noisy = noisy_latents(z, torch.Generator().manual_seed(0), sigma_scale=0.3)
+    relative = (noisy - z).flatten(1).pow(2).mean(dim=1).sqrt() / z.flatten(1).std(dim=1)  # ~ |n| per image
+    # |N(0, 0.3^2)| has mean 0.3 * sqrt(2 / pi) = 0.239, for small and large latents alike.
+    for part in (relative[0::2], relative[1::2]):
+        assert part.mean().item() == pytest.approx(0.3 * math.sqrt(2 / math.pi), rel=0.08)
+    torch.manual_seed(5)
+    again = noisy_latents(z, torch.Generator().manual_seed(0), sigma_scale=0.3)
+    assert torch.equal(noisy, again)
+
+
+def test_latent_noise_loss_of_an_identity_decoder():
+    z = torch.full((3, 2, 8, 8), 0.25) + torch.linspace(-0.1, 0.1, 8)  # std 0.06 per image
+    assert latent_noise_loss(lambda v: v, z, z, torch.Generator(), 1e-12, l1).item() < 1e-9
+    mse = latent_noise_loss(lambda v: v, z, z, torch.Generator().manual_seed(1), 0.5,
+                            lambda a, b: (a - b).pow(2).mean(dim=(1, 2, 3)))
+    n = torch.randn(3, generator=torch.Generator().manual_seed(1)).abs()  # the generator's first draws: |n|
+    expected = (n * 0.5 * z.flatten(1).std(dim=1)).pow(2).mean()  # E[eps^2] = 1
+    assert mse.item() == pytest.approx(expected.item(), rel=0.15)
+
+
+def unit_grid(*vectors: tuple[float, ...]) -> torch.Tensor:
+    """Vectors at positions 0..N-1 of a 1 x N grid: (1, D, 1, N)."""
+    return torch.tensor(vectors, dtype=torch.float64).T[None, :, None, :]
+
+
+def test_vf_loss_known_values():
+    f = unit_grid((1.0, 0.0), (0.0, 1.0))
+    aligned = vf_loss(2 * f, f)
+    assert aligned.margin_cosine.item() == 0.0 and aligned.margin_distance.item() == 0.0
+    assert aligned.mean_cosine.item() == pytest.approx(1.0)
+    # Opposite vectors: cos -1 everywhere, relu(1 - 0.5 + 1) = 1.5; the self-similarities still agree.
+    opposite = vf_loss(-f, f)
+    assert opposite.margin_cosine.item() == pytest.approx(1.5) and opposite.margin_distance.item() == 0.0
+    # Both latent positions point along f_0: cosines (1, 0) -> mean relu(0.5 - cos) = 0.25; the latent
+    # self-similarity is all ones against the identity: |1 - 0| - 0.25 off the diagonal -> mean 0.375.
+    collapsed = vf_loss(unit_grid((1.0, 0.0), (1.0, 0.0)), f)
+    assert collapsed.margin_cosine.item() == pytest.approx(0.25)
+    assert collapsed.margin_distance.item() == pytest.approx(0.375)
+
+
+def test_vf_loss_gradients():
+    # d/dz relu(0.5 - cos(z, f)) at z = (0, 1), f = (1, 0): cos = 0, gradient -(f/|f||z| - cos z/|z|^2) = (-1, 0).
+    z = unit_grid((0.0, 1.0)).requires_grad_(True)
+    vf_loss(z, unit_grid((1.0, 0.0))).margin_cosine.backward()
+    torch.testing.assert_close(z.grad.flatten(), torch.tensor([-1.0, 0.0], dtype=torch.float64))
+    # Both terms against finite differences (away from the hinges), through the resize to the feature grid.
+    generator = torch.Generator().manual_seed(0)
+    projected = torch.randn(2, 6, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, 6, 3, 3, generator=generator, dtype=torch.float64)
+    for term in ("margin_cosine", "margin_distance"):
+        assert torch.autograd.gradcheck(lambda p, term=term: getattr(vf_loss(p, features, 0.0, 0.0), term),
+                                        (projected,))
+
+
+def test_vf_loss_is_fp32_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(0)
+    projected, features = torch.randn(2, 2, 8, 16, 16, generator=generator)
+    reference = vf_loss(projected, features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = vf_loss(projected.bfloat16(), features.bfloat16())
+    assert mixed.margin_cosine.dtype == torch.float32 and torch.isfinite(mixed.margin_distance)
+    assert mixed.margin_cosine.item() == pytest.approx(reference.margin_cosine.item(), rel=0.02)
 
 
 # ---------------------------------------------------------------- perceptual (LPIPS)

@@ -1,5 +1,9 @@
 """The training module end to end with real Lightning, real LPIPS and real photos (BSDS500)."""
 
+import math
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -136,3 +140,106 @@ def test_compiled_training_follows_the_eager_run(assets, tmp_path):
         difference = (compiled - eager).norm() / eager.norm()
         # Measured: 4.4 % (autoencoder), 1.8 % (discriminator); 112 % when the discriminator was compiled too.
         assert difference < 0.25, f"{network}: compiled updates differ from eager by {difference:.1%}"
+
+
+# Every regulariser on, their schedules crossing the interruption below: EQ-VAE on half the batches until batch 5,
+# scale equivariance throughout, latent noise from batch 1, alignment to AlexNet's features ramped in over 3.
+REGULARIZED = dict(
+    eq_weight=1.0, eq_end=5, se_weight=0.5, noise_weight=0.5, noise_start=1, align_weight=0.1, align_ramp=3,
+    align_backbone="alexnet", align_image_size=64,
+)
+
+
+def _regularized_run(tmp_path: Path, data_folder: Path, kill_at_batch: int | None = None,
+                     resume: Path | None = None, precision: str = "32") -> VAEGAN:
+    """Three epochs of two batches; `kill_at_batch` ends the process with SIGKILL when that batch starts."""
+    L.seed_everything(0)
+    data = ImageDataModule(source=str(data_folder), resolution=32, batch_size=4, num_workers=0, min_size=32)
+    module = VAEGAN(**FAST, **REGULARIZED, disc_start=2, disc_warmup=2, ema_decay=0.9, max_batches=10_000)
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)]
+    if kill_at_batch is not None:
+        callbacks.append(KillAt(kill_at_batch))
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=callbacks, enable_checkpointing=True,
+                           limit_val_batches=0, precision=precision, log_every_n_steps=1)
+    trainer.fit(module, data, ckpt_path=resume)
+    return module
+
+
+class KillAt(L.Callback):
+    """kill -9 of this very process when batch `batch` is about to start: nothing is saved on the way out."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if int(module.batches_seen) == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_run_with_every_regularizer_resumes_exactly_after_kill_9(assets, tmp_path):
+    folder = bsds_photos(assets, tmp_path, "train", 8)
+    uninterrupted = _regularized_run(tmp_path / "a", folder)
+    # Killed in the middle of the second epoch: the last checkpoint is the first epoch's (batch 2).
+    child = multiprocessing.get_context("spawn").Process(target=_regularized_run, args=(tmp_path / "b", folder, 3))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    checkpoint_path = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    assert int(checkpoint["state_dict"]["batches_seen"]) == 2
+    resumed = _regularized_run(tmp_path / "b", folder, resume=checkpoint_path)
+
+    assert int(resumed.batches_seen) == int(uninterrupted.batches_seen) == 6
+    expected, actual = uninterrupted.state_dict(), resumed.state_dict()
+    assert "align_projection.weight" in expected and not [key for key in expected if key.startswith("vision.")]
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    for mine, theirs in zip(resumed.optimizers()[0].optimizer.state.values(),
+                            uninterrupted.optimizers()[0].optimizer.state.values(), strict=True):
+        torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"], rtol=0, atol=1e-6)
+    # The alignment head is training state, in the checkpoint but not in the VAE that `vaegan.load` reads from it.
+    final = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(key.startswith("align_projection.") for key in final)
+    assert not any(key.startswith("vision.") for key in final)
+    torch.testing.assert_close(vaegan.load(checkpoint_path).state_dict(), resumed.ema.state_dict())
+
+
+@pytest.mark.slow
+def test_every_regularizer_stays_finite_under_bf16_mixed(assets, tmp_path):
+    folder = bsds_photos(assets, tmp_path, "train", 8)
+    module = _regularized_run(tmp_path, folder, precision="bf16-mixed")
+    metrics = read_metrics(tmp_path / "logs")
+    for name in ("eq", "se", "noise", "align"):
+        values = [row[f"train/{name}"] for row in metrics if row.get(f"train/{name}")]
+        weights = [row[f"train/{name}_weight"] for row in metrics if row.get(f"train/{name}_weight")]
+        assert values and weights, name
+        assert all(math.isfinite(float(v)) for v in values + weights), (name, values, weights)
+    align_weights = [float(row["train/align_weight"]) for row in metrics if row.get("train/align_weight")]
+    assert align_weights[0] > 0  # the adaptive weight, computed in fp32, is a real number, not 0 from a NaN
+    assert all(torch.isfinite(p).all() for p in module.vae.parameters())
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    (path,) = log_dir.glob("**/metrics.csv")
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_regularizer_settings_are_checked_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="eq_probability"):
+        VAEGAN(**FAST, eq_weight=1.0, eq_probability=1.5)
+    with pytest.raises(ValueError, match="train_decoder_only freezes the encoder"):
+        VAEGAN(**FAST, align_weight=0.1, align_backbone="alexnet", train_decoder_only=True)
+    with pytest.raises(ValueError, match="se: the schedule"):
+        VAEGAN(**FAST, se_weight=1.0, se_start=10, se_end=5)
+
+
+def test_a_missing_alignment_backbone_stops_the_run_and_names_the_file(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    lpips = str(assets / "lpips" / "squeezenet1_1_features.safetensors")
+    with pytest.raises(RuntimeError, match=f"{tmp_path}/alexnet_features.safetensors does not exist"):
+        VAEGAN(**FAST, perceptual_weights_file=lpips, align_weight=0.1, align_backbone="alexnet")

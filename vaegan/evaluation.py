@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vaegan.codec import Codec
+from vaegan.diagnostics import equivariance_errors, noise_robustness
 from vaegan.dtypes import resolve_dtype
 from vaegan.formats import load
 from vaegan.images import ImageError
@@ -175,6 +176,7 @@ def evaluate(
     image_column: str = "image",
     num_workers: int = 2,
     preset: str | None = None,
+    diagnostics: bool = True,
     progress: bool = True,
 ) -> EvaluationResult:
     """Benchmark VAEs side by side: reconstruct every image with every VAE and measure it (shorter side resized,
@@ -205,6 +207,9 @@ def evaluate(
         image_column: image column of a datasets source.
         num_workers: image decoding processes.
         preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        diagnostics: the latent diagnostics (`vaegan.diagnostics`): equivariance error, noise robustness, latent
+            and image spectra (spectra.png), channel correlation. Four more decodes per image, one at full size
+            and a quarter of one for the downscale; channel statistics are always measured.
         progress: show a progress bar with images/s, and the table at the end.
     """
     specs = parse_model_specs(models)
@@ -222,7 +227,8 @@ def evaluate(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_named,
         pin_memory=device.type == "cuda",
     )
-    run = _Run(codecs, results, lpips_networks, inception, resolution >= MS_SSIM_MIN_SIZE, sheets, len(dataset))
+    run = _Run(codecs, results, lpips_networks, inception, resolution >= MS_SSIM_MIN_SIZE, sheets, len(dataset),
+               diagnostics)
     run.skipped += scan_skipped
     bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode():
@@ -244,13 +250,15 @@ def evaluate(
         lpips={net: network.backbone_source for net, network in lpips_networks.items()},
         ms_ssim_note=ms_ssim_note, rfid_network=rfid_network, rfid_note=rfid_note, skipped=run.skipped,
         sheets=sorted(run.kept.values(), key=lambda sheet: sheet.index), seconds=time.perf_counter() - started,
+        diagnostics=diagnostics,
     )
     if output is not None:
         paths = write_report(result, output)
         if progress:
             print(result)
+            spectra = " spectra.png," if diagnostics else ""
             print(f"wrote {len(paths)} files to {output} (results.md, summary.json, per_image.csv, "
-                  f"per_image.png, sheets/) in {result.seconds:.0f} s")
+                  f"per_image.png,{spectra} sheets/) in {result.seconds:.0f} s")
     return result
 
 
@@ -293,9 +301,10 @@ class _Run:
     """
 
     def __init__(self, codecs: list[Codec], results: list[ModelResult], lpips_networks: dict[str, PerceptualLoss],
-                 inception: InceptionFeatures | None, with_ms_ssim: bool, sheets: int, num_images: int):
+                 inception: InceptionFeatures | None, with_ms_ssim: bool, sheets: int, num_images: int,
+                 diagnostics: bool):
         self.codecs, self.results, self.lpips_networks = codecs, results, lpips_networks
-        self.inception, self.with_ms_ssim = inception, with_ms_ssim
+        self.inception, self.with_ms_ssim, self.diagnostics = inception, with_ms_ssim, diagnostics
         self.fixed = set(fixed_sheet_indices(sheets - sheets // 2, num_images))
         self.worst_count = sheets // 2
         self.kept: dict[int, SheetImage] = {}
@@ -318,6 +327,14 @@ class _Run:
             result.codec_seconds += measured.seconds
             result.normalised_statistics.update(measured.latents)
             result.statistics.update(codec.normalization.denormalize(measured.latents))
+            result.channels.update(codec.normalization.denormalize(measured.latents))
+            if self.diagnostics:
+                tick = time.perf_counter()
+                measured.values |= equivariance_errors(codec.decode, images, measured.latents, self.lpips_networks)
+                measured.values |= noise_robustness(codec.decode, measured.latents, measured.reconstructions,
+                                                    batch["index"])
+                result.spectra.update(measured.latents, images)
+                result.diagnostics_seconds += time.perf_counter() - tick
             if self.inception is not None:
                 self.reconstruction_moments[result.label].update(self.inception(measured.quantised))
             model_rows = [

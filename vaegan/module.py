@@ -40,20 +40,31 @@ from vaegan.formats import load
 from vaegan.grids import reconstruction_grid, save_grid
 from vaegan.losses import (
     adaptive_gan_weight,
+    adaptive_weight,
     discriminator_loss,
+    eq_vae_transform,
+    equivariance_loss,
     gan_weight_schedule,
     generator_adversarial_loss,
     kl_loss,
+    latent_noise_loss,
     nll_loss,
     reconstruction_loss,
+    scale_equivariance_transform,
+    term_schedule,
+    vf_loss,
 )
 from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
 from vaegan.normalization import LatentNormalization, measured_layout
 from vaegan.perceptual import PerceptualLoss
 from vaegan.seeds import seeded_generator
+from vaegan.vision import VisionBackbone, VisionFeatures
 
 # Parameters and buffers of the frozen LPIPS network in this module's state dict.
 PERCEPTUAL_PREFIX = "perceptual."
+# The regularisers compare images smaller than this by the pixel loss alone: LPIPS-alex's pooling needs 32 pixels
+# (squeeze 20, vgg 16), and the equivariance terms shrink images by up to 4x.
+MIN_PERCEPTUAL_SIDE = 32
 # The two networks' places in the bad-step counters.
 NETWORKS = ("generator", "discriminator")
 GENERATOR, DISCRIMINATOR = range(len(NETWORKS))
@@ -69,6 +80,8 @@ class VAEGAN(L.LightningModule):
     Args:
         arch: preset of the autoencoder to train from scratch (`sd`, `sdxl`, `sd3`, `flux`, `tiny`).
         latent_channels: overrides the preset's latent channels (e.g. 16 for a Flux-like codec).
+        block_out_channels: overrides the preset's level widths; n widths make an f 2^(n-1) autoencoder, e.g.
+            (128, 128, 256, 256, 512) with 32 latent channels is VA-VAE's f16c32.
         init_from: fine-tune from any VAE `vaegan.load` reads; its architecture replaces `arch`.
         train_decoder_only: freeze encoder and quant conv (the sd-vae-ft-EMA/MSE recipe), so the latent space
             that existing diffusion models were trained on stays exactly the same.
@@ -88,6 +101,27 @@ class VAEGAN(L.LightningModule):
             decoder's last layer (LDM); else a constant weight (LiteVAE's choice under mixed precision).
         gan_loss: `hinge` (LDM), `vanilla` or `non_saturating`.
         disc_layers, disc_channels, disc_norm, disc_spectral_norm: the PatchGAN's shape.
+        eq_weight: weight of EQ-VAE's equivariance term d(D(τ·z), τ·x) (0: off), d being the pixel loss plus the
+            weighted LPIPS; `eq_start`, `eq_ramp` and `eq_end` schedule it in batches (see
+            `losses.term_schedule`), as for every regulariser below.
+        eq_probability: chance per batch that the term is applied (0.5 in EQ-VAE, whose code trains on the
+            transformed pair *instead of* the plain one on those batches; here it is added beside it).
+        eq_min_scale: τ's downscale s is drawn from [eq_min_scale, 1).
+        eq_scale, eq_rotate: the parts of τ: a downscale and a 90° rotation, together as in EQ-VAE, or one alone.
+        se_weight, se_start, se_ramp, se_end: scale equivariance, d(D(↓z), ↓x) every batch (0: off).
+        se_factors: the downsampling factors ↓ is drawn from.
+        noise_weight, noise_start, noise_ramp, noise_end: latent noise, d(D(z + σ·ε), x) (0: off).
+        noise_sigma: σ = |N(0, noise_sigma²)| times the image's latent std.
+        align_weight, align_start, align_ramp, align_end: VA-VAE's alignment of the latents to a frozen vision
+            model (0: off); 0.1 in VA-VAE, multiplying the adaptive weight.
+        align_backbone: the vision model (DINOv2 needs `timm`; AlexNet, SqueezeNet and VGG16 use the LPIPS
+            weight files); its weights are looked up as `vaegan.vision` describes, a missing file stops the run.
+        align_weights_file: the backbone's weights; else `$VAEGAN_WEIGHTS_DIR`, else the hub/torchvision cache.
+        allow_random_align_backbone: permit a random backbone when no weights exist (only for smoke tests).
+        align_image_size: images are resized to this side for the backbone (224: DINOv2's 16x16 patch grid).
+        align_margin_cosine, align_margin_distance: VA-VAE's margins m1 and m2.
+        align_adaptive: weigh the alignment against the reconstruction's gradient at the encoder's last layer
+            (VA-VAE); else `align_weight` is the weight.
         lr, disc_lr: learning rates of autoencoder and discriminator (`disc_lr` defaults to `lr`).
         betas: Adam betas; (0.5, 0.9) as in LDM.
         optimizer: `adam` or `adamw`; `weight_decay` applies to both.
@@ -109,6 +143,7 @@ class VAEGAN(L.LightningModule):
         self,
         arch: str = "tiny",
         latent_channels: int | None = None,
+        block_out_channels: tuple[int, ...] | None = None,
         init_from: str | None = None,
         train_decoder_only: bool = False,
         reconstruction: Literal["l1", "l2"] = "l1",
@@ -128,6 +163,35 @@ class VAEGAN(L.LightningModule):
         disc_channels: int = 64,
         disc_norm: Literal["batch", "group", "none"] = "group",
         disc_spectral_norm: bool = False,
+        eq_weight: float = 0.0,
+        eq_start: int = 0,
+        eq_ramp: int = 0,
+        eq_end: int | None = None,
+        eq_probability: float = 0.5,
+        eq_min_scale: float = 0.25,
+        eq_scale: bool = True,
+        eq_rotate: bool = True,
+        se_weight: float = 0.0,
+        se_start: int = 0,
+        se_ramp: int = 0,
+        se_end: int | None = None,
+        se_factors: tuple[int, ...] = (2, 4),
+        noise_weight: float = 0.0,
+        noise_start: int = 0,
+        noise_ramp: int = 0,
+        noise_end: int | None = None,
+        noise_sigma: float = 0.3,
+        align_weight: float = 0.0,
+        align_start: int = 0,
+        align_ramp: int = 0,
+        align_end: int | None = None,
+        align_backbone: VisionBackbone = "dinov2_vitl14",
+        align_weights_file: str | None = None,
+        allow_random_align_backbone: bool = False,
+        align_image_size: int = 224,
+        align_margin_cosine: float = 0.5,
+        align_margin_distance: float = 0.25,
+        align_adaptive: bool = True,
         lr: float = 1e-4,
         disc_lr: float | None = None,
         betas: tuple[float, float] = (0.5, 0.9),
@@ -153,6 +217,8 @@ class VAEGAN(L.LightningModule):
             self.vae = load(init_from)
         else:
             overrides = {"latent_channels": latent_channels} if latent_channels else {}
+            if block_out_channels:
+                overrides["block_out_channels"] = tuple(block_out_channels)
             self.vae = AutoencoderKL(preset(arch, **overrides))
         if train_decoder_only:
             self.vae.encoder.requires_grad_(False)
@@ -172,6 +238,14 @@ class VAEGAN(L.LightningModule):
             net=perceptual_net, weights=perceptual_weights_file, allow_random_backbone=allow_random_perceptual
         )
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
+        _check_regularizers(self.hparams)
+        # VA-VAE's alignment: a frozen vision model (out of checkpoints, like LPIPS) and the 1x1 projection of the
+        # latents to its feature width, trained with the autoencoder and left behind at export.
+        self.vision, self.align_projection = None, None
+        if align_weight > 0:
+            self.vision = VisionFeatures(align_backbone, align_weights_file, align_image_size,
+                                         allow_random=allow_random_align_backbone)
+            self.align_projection = torch.nn.Conv2d(self.vae.config.latent_channels, self.vision.dim, 1)
         # Counted here rather than read from the Trainer: see the module docstring.
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         # What training draws is seeded from this (see `rng`); drawn from torch's global generator, so
@@ -222,6 +296,8 @@ class VAEGAN(L.LightningModule):
         generator_params = [p for p in self.vae.parameters() if p.requires_grad]
         if hp.learn_logvar:
             generator_params.append(self.logvar)
+        if self.align_projection is not None:
+            generator_params += list(self.align_projection.parameters())
         optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
         opt_g = optimizer_class(generator_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         opt_d = optimizer_class(
@@ -242,26 +318,31 @@ class VAEGAN(L.LightningModule):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     # ---------------------------------------------------------------- the objective
-    def rng(self, purpose: str) -> torch.Generator:
-        """The random generator of this batch's draws of one kind (`purpose`), on the module's device.
+    def rng(self, purpose: str, device: torch.device | str | None = None) -> torch.Generator:
+        """The random generator of this batch's draws of one kind (`purpose`), on `device` (the module's).
 
         Seeded by (seed, batch, purpose, rank): the same numbers whether the run started at batch 0 or was resumed
         just before this batch, different for every purpose, batch and rank. Every random draw of a training step
         comes from one of these (see the module docstring).
         """
         return seeded_generator(
-            int(self.seed), int(self.batches_seen), purpose, self.global_rank, device=self.device
+            int(self.seed), int(self.batches_seen), purpose, self.global_rank, device=device or self.device
         )
 
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        """Encode (without gradients when only the decoder trains), sample with `generator`, decode."""
+        """Encode (without gradients when only the decoder trains), sample with `generator`, decode:
+        (reconstructions, posterior, latents)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.train_decoder_only):
             posterior = self.vae.encode(images)
             latents = posterior.sample(generator)
-        return self.vae.decode(latents), posterior
+        return self.vae.decode(latents), posterior, latents
 
-    def generator_losses(self, images, reconstructions, posterior, gan_factor: float) -> dict[str, torch.Tensor]:
-        """Reconstruction NLL + KL + the ramped adversarial term, each kept for logging."""
+    def generator_losses(
+        self, images, reconstructions, posterior, gan_factor: float, latents: torch.Tensor | None = None,
+        batch_number: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction NLL + KL + the ramped adversarial term + the scheduled regularisers, each kept for
+        logging (the regularisers' values under their names, their effective weights as `<name>_weight`)."""
         hp = self.hparams
         pixel = reconstruction_loss(images, reconstructions, kind=hp.reconstruction)      # (B, C, H, W)
         perceptual = self.perceptual(images, reconstructions)                            # (B,)
@@ -284,7 +365,63 @@ class VAEGAN(L.LightningModule):
             losses["adversarial"] = adversarial
             losses["adversarial_weight"] = weight * gan_factor
             losses["loss"] = losses["loss"] + losses["adversarial_weight"] * adversarial
+        if latents is not None:
+            self._add_regularizers(losses, images, latents, batch_number)
         return losses
+
+    def _add_regularizers(self, losses: dict[str, torch.Tensor], images: torch.Tensor, latents: torch.Tensor,
+                          batch_number: int) -> None:
+        """Add each switched-on diffusability regulariser, times its scheduled weight, to `losses["loss"]`."""
+        hp = self.hparams
+        decode = self.vae.decode
+        terms: dict[str, tuple[torch.Tensor | None, torch.Tensor | float]] = {}  # name -> (value, weight)
+        if hp.eq_weight > 0 and (factor := term_schedule(batch_number, hp.eq_start, hp.eq_ramp, hp.eq_end)):
+            generator = self.rng("eq", device="cpu")
+            if float(torch.rand((), generator=generator)) < hp.eq_probability:
+                transform = eq_vae_transform(tuple(latents.shape[-2:]), generator, hp.eq_min_scale, hp.eq_scale,
+                                             hp.eq_rotate)
+                terms["eq"] = (equivariance_loss(decode, latents, images, transform, self.distance),
+                               hp.eq_weight * factor)
+            else:
+                terms["eq"] = (None, 0.0)
+        if hp.se_weight > 0 and (factor := term_schedule(batch_number, hp.se_start, hp.se_ramp, hp.se_end)):
+            generator = self.rng("se", device="cpu")
+            transform = scale_equivariance_transform(tuple(latents.shape[-2:]), generator, tuple(hp.se_factors))
+            terms["se"] = (equivariance_loss(decode, latents, images, transform, self.distance),
+                           hp.se_weight * factor)
+        if hp.noise_weight > 0 and (
+            factor := term_schedule(batch_number, hp.noise_start, hp.noise_ramp, hp.noise_end)
+        ):
+            generator = self.rng("noise")
+            terms["noise"] = (latent_noise_loss(decode, latents, images, generator, hp.noise_sigma, self.distance),
+                              hp.noise_weight * factor)
+        if hp.align_weight > 0 and (
+            factor := term_schedule(batch_number, hp.align_start, hp.align_ramp, hp.align_end)
+        ):
+            with torch.no_grad():
+                features = self.vision(images)  # (B, D, g, g)
+            vf = vf_loss(self.align_projection(latents), features, hp.align_margin_cosine, hp.align_margin_distance)
+            align = vf.margin_cosine + vf.margin_distance
+            weight = hp.align_weight * factor
+            if hp.align_adaptive:
+                weight = weight * adaptive_weight(losses["nll"], align, self.vae.encoder.conv_out.weight)
+            terms["align"] = (align, weight)
+            losses["align_cosine"] = vf.mean_cosine
+        for name, (value, weight) in terms.items():
+            weight = torch.as_tensor(weight, dtype=torch.float32, device=images.device)
+            losses[f"{name}_weight"] = weight
+            if value is not None:
+                losses[name] = value
+                losses["loss"] = losses["loss"] + weight * value
+
+    def distance(self, reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """d of the regularisers, per image (B,): the pixel loss, plus the weighted LPIPS on images of at least
+        `MIN_PERCEPTUAL_SIDE` pixels."""
+        hp = self.hparams
+        value = reconstruction_loss(images, reconstructions, kind=hp.reconstruction).mean(dim=(1, 2, 3))
+        if min(images.shape[-2:]) >= MIN_PERCEPTUAL_SIDE and hp.perceptual_weight > 0:
+            value = value + hp.perceptual_weight * self.perceptual(images, reconstructions)
+        return value
 
     # ---------------------------------------------------------------- training
     # The adaptive weight differentiates the generator's graph twice before its backward (retain_graph=True),
@@ -303,8 +440,8 @@ class VAEGAN(L.LightningModule):
 
         # 1. Generator: the discriminator's parameters are frozen while toggled, so no gradient leaks into it.
         with self.toggled_optimizer(opt_g):
-            reconstructions, posterior = self.reconstruct(images, self.rng("posterior"))
-            g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor)
+            reconstructions, posterior, latents = self.reconstruct(images, self.rng("posterior"))
+            g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor, latents, batch_number)
             self.manual_backward(g_losses["loss"] / hp.accumulate_grad_batches)
             if steps_now and self._step(opt_g, sched_g, g_losses["loss"], GENERATOR):
                 self._update_ema()
@@ -503,6 +640,27 @@ class VAEGAN(L.LightningModule):
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+
+def _check_regularizers(hp) -> None:
+    """Refuse regulariser settings that cannot work, before any batch runs."""
+    if not 0.0 <= hp.eq_probability <= 1.0:
+        raise ValueError(f"eq_probability={hp.eq_probability} must be in [0, 1]")
+    if not 0.0 < hp.eq_min_scale < 1.0:
+        raise ValueError(f"eq_min_scale={hp.eq_min_scale} must be in (0, 1)")
+    if hp.eq_weight > 0 and not (hp.eq_scale or hp.eq_rotate):
+        raise ValueError("eq_weight > 0 needs eq_scale or eq_rotate")
+    if hp.se_weight > 0 and (not hp.se_factors or min(hp.se_factors) < 2):
+        raise ValueError(f"se_factors={hp.se_factors} must be downsampling factors of at least 2")
+    if hp.noise_weight > 0 and hp.noise_sigma <= 0:
+        raise ValueError(f"noise_sigma={hp.noise_sigma} must be positive")
+    if hp.align_weight > 0 and hp.train_decoder_only:
+        raise ValueError("align_weight > 0 aligns the encoder's latents, but train_decoder_only freezes the encoder")
+    for name in ("eq", "se", "noise", "align"):
+        start, ramp, end = hp[f"{name}_start"], hp[f"{name}_ramp"], hp[f"{name}_end"]
+        if start < 0 or ramp < 0 or (end is not None and end < start):
+            raise ValueError(f"{name}: the schedule needs 0 <= {name}_start <= {name}_end and {name}_ramp >= 0, "
+                             f"got start {start}, ramp {ramp}, end {end}")
 
 
 class WholeCheckpointIO(TorchCheckpointIO):

@@ -1,10 +1,14 @@
 """What an evaluation measured, and the files it leaves behind: numbers to parse, a table to paste, pictures.
 
-    per_image.csv   one row per (model, image): psnr, ssim, ms_ssim, lpips_<net> (empty cell: n/a)
+    per_image.csv   one row per (model, image): psnr, ssim, ms_ssim, lpips_<net>, and the latent diagnostics
+                    (scale_2x_*, rotation_90_*, noise_<σ>_psnr) (empty cell: n/a)
     summary.json    protocol, metric definitions and, per model, mean/std/min/max of each metric, rFID,
-                    latent statistics with suggested factors, bits per pixel, throughput
-    results.md      the Markdown table, one row per model, with the protocol and caveats under it
+                    latent statistics with suggested factors and channel correlation, the latent diagnostics
+                    (equivariance, noise robustness, spectra), bits per pixel, throughput
+    results.md      the Markdown tables (reconstruction; latent diagnostics), one row per model, with the protocol
+                    and caveats under them
     per_image.png   per-image PSNR and LPIPS of every model, so outliers stand out
+    spectra.png     radially averaged power spectra of every model's latents and of the images at their grid
     sheets/*.png    for a few images: original | each model, full image, zoomed crop and error map
 """
 
@@ -15,16 +19,24 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from vaegan.diagnostics import (
+    EQUIVARIANCE_TRANSFORMS,
+    HIGH_FREQUENCY_CUTOFF,
+    NOISE_LEVELS,
+    ChannelMoments,
+    Spectra,
+    max_offdiagonal,
+)
 from vaegan.files import write_json
 from vaegan.metrics import MS_SSIM_WEIGHTS, LatentStatistics
-from vaegan.normalization import LatentNormalization
+from vaegan.normalization import Convention, LatentNormalization
 from vaegan.readers import Skip
 
 # Error maps share one fixed scale, so sheets of different models and runs compare: |error| of 64 (of 255,
@@ -55,6 +67,9 @@ class ModelResult:
     normalised_statistics: LatentStatistics = field(default_factory=LatentStatistics)  # what a diffusion model sees
     codec_seconds: float = 0.0  # encode + decode, summed over batches
     rfid: float | None = None
+    channels: ChannelMoments = field(default_factory=ChannelMoments)  # of the raw latents z
+    spectra: Spectra = field(default_factory=Spectra)  # of the normalised latents, and the images at their grid
+    diagnostics_seconds: float = 0.0
 
 
 @dataclass
@@ -86,6 +101,7 @@ class EvaluationResult:
     skipped: list[Skip]
     sheets: list[SheetImage]
     seconds: float
+    diagnostics: bool = False  # whether the latent diagnostics were measured
 
     @property
     def num_images(self) -> int:
@@ -94,6 +110,15 @@ class EvaluationResult:
     @property
     def metric_columns(self) -> list[str]:
         return ["psnr", "ssim", "ms_ssim", *(f"lpips_{net}" for net in self.lpips)]
+
+    @property
+    def diagnostic_columns(self) -> list[str]:
+        """The per-image latent diagnostics in the rows: equivariance PSNR and LPIPS, noise robustness PSNR."""
+        if not self.diagnostics:
+            return []
+        equivariance = [f"{kind}_{metric}" for kind in EQUIVARIANCE_TRANSFORMS
+                        for metric in ("psnr", *(f"lpips_{net}" for net in self.lpips))]
+        return [*equivariance, *(f"noise_{level:g}_psnr" for level in NOISE_LEVELS)]
 
     def __str__(self) -> str:
         """The table and its caveats, for a terminal."""
@@ -119,6 +144,8 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, Path
         "markdown": output / "results.md",
         "plot": per_image_plot(result, output / "per_image.png"),
     }
+    if result.diagnostics:
+        paths["spectra"] = spectra_plot(result, output / "spectra.png")
     sheet_folder = output / "sheets"
     sheet_folder.mkdir(exist_ok=True)
     for sheet in result.sheets:
@@ -130,7 +157,7 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, Path
 
 
 def write_per_image_csv(result: EvaluationResult, path: Path) -> Path:
-    columns = ["model", "image", *result.metric_columns]
+    columns = ["model", "image", *result.metric_columns, *result.diagnostic_columns]
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, columns)
         writer.writeheader()
@@ -170,6 +197,7 @@ def model_summary(result: EvaluationResult, model: ModelResult) -> dict[str, Any
     statistics = model.statistics
     mean, std = statistics.overall()
     normalised_mean, normalised_std = model.normalised_statistics.overall()
+    correlation = model.channels.correlation() if model.channels.moments.count >= 2 else None
     return {
         "name": model.label,
         "path": model.path,
@@ -190,10 +218,29 @@ def model_summary(result: EvaluationResult, model: ModelResult) -> dict[str, Any
             "normalised_std": normalised_std,
             "suggested_factors": {
                 convention: LatentNormalization.fit(statistics, "scalar", convention).to_json()
-                for convention in ("shift", "scale")
+                for convention in get_args(Convention)
             },
+            "channel_correlation": None if correlation is None else correlation.tolist(),
+            "max_channel_correlation": None if correlation is None else max_offdiagonal(correlation),
         },
+        "diagnostics": diagnostics_summary(result, model, rows) if result.diagnostics else None,
         "images_per_second": len(rows) / model.codec_seconds if model.codec_seconds else None,
+    }
+
+
+def diagnostics_summary(result: EvaluationResult, model: ModelResult, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latent diagnostics of one model: mean/std/min/max over images, and the spectra."""
+    lpips = [f"lpips_{net}" for net in result.lpips]
+    return {
+        "equivariance": {
+            kind: {metric: aggregate([row[f"{kind}_{metric}"] for row in rows]) for metric in ("psnr", *lpips)}
+            for kind in EQUIVARIANCE_TRANSFORMS
+        },
+        "noise_robustness": {
+            f"{level:g}": {"psnr": aggregate([row[f"noise_{level:g}_psnr"] for row in rows])} for level in NOISE_LEVELS
+        },
+        "spectrum": model.spectra.summary(),
+        "seconds": round(model.diagnostics_seconds, 2),
     }
 
 
@@ -223,10 +270,25 @@ def summary(result: EvaluationResult) -> dict[str, Any]:
             "rfid": result.rfid_network,
             "rfid_note": result.rfid_note,
             "bits_per_pixel": f"latent C*h*w * bits({result.dtype}) / (H*W); uncompressed RGB is 24",
+            "channel_correlation": "Pearson correlation between the raw latent channels over all positions",
+            "diagnostics": DIAGNOSTICS_DEFINITIONS if result.diagnostics else "not measured (--diagnostics false)",
         },
         "models": [model_summary(result, model) for model in result.models],
         "sheets": [{"index": s.index, "image": s.name, "selected": s.selected} for s in result.sheets],
     }
+
+
+DIAGNOSTICS_DEFINITIONS = {
+    "scale_2x": "decode of the normalised latent downscaled 2x (bilinear, antialiased) against the image downscaled "
+                "2x the same way; PSNR (dB) and LPIPS on uint8",
+    "rotation_90": "decode of the latent rotated by 90 degrees against the rotated image; PSNR and LPIPS on uint8",
+    "noise_robustness": "PSNR of the decode of z + sigma * std(z) * eps against the decode of z, std over each "
+                        "image's latent, eps seeded by the image's index",
+    "spectrum": "radially averaged power spectrum (per-plane mean removed, share of the total power per ring of "
+                "radius k/n cycles per latent pixel) of the normalised latents and of the images resized to the "
+                "latent's grid; high_frequency_share: power above "
+                f"{HIGH_FREQUENCY_CUTOFF} cycles per pixel (half the Nyquist frequency) over all power",
+}
 
 
 def markdown_table(result: EvaluationResult) -> str:
@@ -264,10 +326,45 @@ def markdown_report(result: EvaluationResult) -> str:
         f"bits/px: the latent at {result.dtype} per image pixel (RGB: 24); img/s: encode + decode.",
         f"{len(result.skipped)} unreadable images skipped (see summary.json)." if result.skipped else "",
     ]
-    return "\n".join([
-        "# Reconstruction benchmark", "", markdown_table(result), "",
-        *(f"- {note}" for note in notes if note), "",
-    ])
+    lines = ["# Reconstruction benchmark", "", markdown_table(result), "", *(f"- {note}" for note in notes if note), ""]
+    if result.diagnostics:
+        lines += ["## Latent diagnostics", "", diagnostics_table(result), "", *(
+            f"- {note}" for note in (
+                "½×: decode of the latent downscaled 2× against the image downscaled 2×; 90°: decode of the rotated "
+                "latent against the rotated image (equivariance: what EQ-VAE and scale equivariance train).",
+                "noise σ: PSNR of the decode of z + σ·std(z)·ε against the decode of z.",
+                f"HF share: power above {HIGH_FREQUENCY_CUTOFF} cycles/pixel (half the Nyquist frequency) in the "
+                "normalised latents / in the images at the latent's grid (spectra.png).",
+                "max channel corr.: the largest |correlation| between two latent channels.",
+            )
+        ), ""]
+    return "\n".join(lines)
+
+
+def diagnostics_table(result: EvaluationResult) -> str:
+    """One row per model: equivariance error, noise robustness, high-frequency shares, channel correlation."""
+    first_lpips = [f"lpips_{net}" for net in result.lpips][:1]
+    header = ["model"]
+    for title in ("½×", "90°"):
+        header += [f"{title} PSNR ↑", *(f"{title} {metric_title(c)} ↓" for c in first_lpips)]
+    header += [f"noise {level:g} PSNR ↑" for level in NOISE_LEVELS]
+    header += ["HF share latent / image", "max channel corr."]
+    lines = ["| " + " | ".join(header) + " |", "| --- | " + " | ".join("---:" for _ in header[1:]) + " |"]
+    for model in result.models:
+        rows = model_rows(result, model.label)
+        cells = [model.label]
+        columns = [f"{kind}_{metric}" for kind in EQUIVARIANCE_TRANSFORMS for metric in ("psnr", *first_lpips)]
+        columns += [f"noise_{level:g}_psnr" for level in NOISE_LEVELS]
+        for column in columns:
+            stats = aggregate([row[column] for row in rows])
+            digits = 2 if column.endswith("psnr") else 4
+            cells.append("n/a" if stats is None or stats["mean"] is None else f"{stats['mean']:.{digits}f}")
+        spectrum = model.spectra.summary()
+        cells.append(f"{spectrum['latent_high_frequency_share']:.3f} / {spectrum['image_high_frequency_share']:.3f}")
+        correlation = model.channels.correlation() if model.channels.moments.count >= 2 else None
+        cells.append("n/a" if correlation is None else f"{max_offdiagonal(correlation):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---- pictures ----
@@ -411,5 +508,33 @@ def per_image_plot(result: EvaluationResult, path: Path, annotate: int = 3) -> P
         axes[-1].set_xticks(x, [Path(name).name for name in images], rotation=90, fontsize=6)
     else:
         axes[-1].set_xlabel("image (data order)")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def spectra_plot(result: EvaluationResult, path: Path) -> Path:
+    """Every model's latent spectrum (solid) on one figure, with the images' at each latent grid (dashed)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 4.8), layout="constrained")
+    axis = figure.subplots()
+    image_grids_drawn = set()
+    for model in result.models:
+        spectrum = model.spectra.summary()
+        axis.plot(spectrum["frequencies"], spectrum["latent"], marker="o", markersize=2.5, linewidth=1.2,
+                          label=f"{model.label} latent (HF {spectrum['latent_high_frequency_share']:.2f})")
+        grid = model.latent_shape[1:]
+        if grid not in image_grids_drawn:
+            image_grids_drawn.add(grid)
+            axis.plot(spectrum["frequencies"], spectrum["image"], linestyle="--", linewidth=1.2, color="0.35",
+                      label=f"images at {grid[0]}×{grid[1]} (HF {spectrum['image_high_frequency_share']:.2f})")
+    axis.axvline(HIGH_FREQUENCY_CUTOFF, color="0.7", linewidth=0.8)
+    axis.set_yscale("log")
+    axis.set_xlabel("frequency (cycles per latent pixel)")
+    axis.set_ylabel("share of the power per ring (log)")
+    axis.set_title(f"radially averaged power spectra, {result.num_images} images of {result.data} at "
+                   f"{result.resolution}²; HF: share above {HIGH_FREQUENCY_CUTOFF}", fontsize=9)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
     figure.savefig(path, dpi=120)
     return path
