@@ -29,7 +29,7 @@ def test_convert_names_the_bad_file(tmp_path):
         main(["convert", str(bad), str(tmp_path / "out"), "--to", "diffusers"])
 
 
-@pytest.mark.parametrize("command", ["convert", "info", "export", "eval", "encode", "decode"])
+@pytest.mark.parametrize("command", ["convert", "info", "export", "eval", "encode", "decode", "probe"])
 def test_every_command_takes_its_options_from_one_typed_signature(command, capsys):
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])

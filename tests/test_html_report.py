@@ -1,5 +1,5 @@
 """report.html: what a folder holds is on the page, every image it references exists, and in a real headless
-Chromium the report of `vaegan eval` loads without errors, one table row per model, with a
+Chromium the reports of `vaegan eval` and `vaegan probe` load without errors, one table row per model, with a
 working side-by-side zoom."""
 
 import json
@@ -16,6 +16,7 @@ from PIL import Image
 import vaegan
 from vaegan.evaluation import evaluate
 from vaegan.html_report import write_html_report
+from vaegan.probing import ProbeJob, probe
 
 
 def referenced_files(page: str) -> list[str]:
@@ -79,7 +80,7 @@ def check_in_browser(browser: HeadlessChromium, report: Path) -> dict:
 
 @pytest.mark.skipif(find_chromium() is None,
                     reason="no Chromium installed (apt-get install chromium); CI installs it and runs this test")
-def test_eval_report_loads_in_headless_chromium(assets, tmp_path):
+def test_eval_and_probe_reports_load_in_headless_chromium(assets, tmp_path):
     torch.manual_seed(0)
     for name in ("a", "b"):
         vaegan.save(vaegan.AutoencoderKL(vaegan.preset("tiny")), tmp_path / name)
@@ -87,6 +88,9 @@ def test_eval_report_loads_in_headless_chromium(assets, tmp_path):
     evaluate(models=[f"first={tmp_path / 'a'}", f"second={tmp_path / 'b'}"], data=str(photos),
              output=str(tmp_path / "eval"), resolution=64, batch_size=4, rfid=False, sheets=2, num_workers=0,
              progress=False)
+    probe(ProbeJob(models=[f"first={tmp_path / 'a'}"], data=str(photos), output=str(tmp_path / "probe"),
+                   resolution=32, width=32, depth=1, heads=2, steps=10, val_every=5, checkpoint_every=5,
+                   samples=8, sampling_steps=2, distance="alex", progress=False))
 
     with HeadlessChromium.start(tmp_path / "profile") as browser:
         evaluated = check_in_browser(browser, tmp_path / "eval" / "report.html")
@@ -110,3 +114,7 @@ def test_eval_report_loads_in_headless_chromium(assets, tmp_path):
         })()""")
         assert visibility == "visible"
         assert page.errors == []
+
+        probed = check_in_browser(browser, tmp_path / "probe" / "report.html")
+        assert {"curves.png", "samples/first-seed0.png"} <= set(probed["images"])
+        assert probed["page"].errors == []
