@@ -81,7 +81,7 @@ def test_bad_option_values_and_unknown_commands_read_like_errors(monkeypatch, ca
         main(["fit", "--model.perceptual_net", "squeeze", "--data.val_holdout", "2", "--trainer.logger", "false"])
 
 
-@pytest.mark.parametrize("command", ["convert", "info", "export", "eval", "encode", "decode"])
+@pytest.mark.parametrize("command", ["convert", "info", "export", "eval", "encode", "decode", "probe"])
 def test_every_command_takes_its_options_from_one_typed_signature(command, capsys):
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
@@ -104,9 +104,21 @@ def test_encode_reads_its_options_from_a_config_file(tmp_path, capsys):
     assert manifest["complete"] and manifest["counts"]["encoded"] == 3
 
 
-@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", [path for path in RECIPES if not path.stem.startswith("probe")],
+                         ids=lambda p: p.stem)
 def test_every_recipe_parses_into_the_training_signatures(recipe, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["fit", "--config", str(recipe), "--print_config"])
     assert exited.value.code == 0
     assert "model:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", [path for path in RECIPES if path.stem.startswith("probe")], ids=lambda p: p.stem)
+def test_every_probe_recipe_parses_into_the_probe_signature(recipe, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["probe", "--config", str(recipe), "--print_config"])
+    assert exited.value.code == 0
+    assert "width: 768" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from vaegan.files import write_file_atomically
 
@@ -68,3 +69,25 @@ def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
     """The error for a whole checkpoint file that `torch.load` still cannot read (damaged, or not a checkpoint)."""
     reason = str(error).split(". ")[0].splitlines()[0] if str(error) else type(error).__name__
     return CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})")
+
+
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer and reader, for local files through `vaegan.checkpoints`: a checkpoint is
+    renamed into place only once whole, and one that is not whole is refused with a message naming it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        # Tensors and plain containers only: nothing in a checkpoint is unpickled as code.
+        weights_only = True if weights_only is None else weights_only
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        check_complete(path)
+        try:
+            return super().load_checkpoint(path, map_location, weights_only)
+        except Exception as error:  # zip, pickle and unpickler errors of a damaged file come in many types
+            raise unreadable(path, error) from error

@@ -42,6 +42,7 @@ Use a VAE:
   eval      benchmark VAEs side by side: PSNR, SSIM, MS-SSIM, LPIPS, rFID, latent statistics, sheets
   encode    a dataset -> Parquet shards of latents (resumable, several processes or GPUs)
   decode    latent shards or a sampler's latents -> PNG/WebP/JPEG images
+  probe     train one small diffusion transformer per VAE on its latents: how learnable is each latent space?
 
 Options are written as in `fit`: --batch_size 8, --progress false, lists as --models+ a --models+ b or
 --models '[a, b]'. Run `vaegan COMMAND --help` for the options of each. A failure prints one line and exits
@@ -90,6 +91,11 @@ def run(name: str, options: list[str]) -> None:
         from vaegan.manifest import EncodeJob
 
         encode(CLI(EncodeJob, args=options, prog="vaegan encode"))
+        return
+    if name == "probe":
+        from vaegan.probing import ProbeJob, probe
+
+        probe(CLI(ProbeJob, args=options, prog="vaegan probe"))
         return
     CLI(command(name), args=options, prog=f"vaegan {name}")
 

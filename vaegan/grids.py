@@ -37,3 +37,15 @@ def save_grid(grid: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
+
+
+def image_grid(images: torch.Tensor, columns: int = 8, gap: int = 2) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] -> an (H', W', 3) uint8 grid, `columns` per row, white gaps between."""
+    pixels = to_uint8(images.cpu())
+    count, _, height, width = pixels.shape
+    rows = -(-count // columns)
+    grid = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        grid[top:top + height, left:left + width] = image.permute(1, 2, 0).numpy()
+    return grid

@@ -121,12 +121,10 @@ class LatentDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        file, group, row = (int(value) for value in self.locations[index])
-        values = self._row_group(file, group)
-        latent = torch.from_numpy(decode_values(values["mean" if "mean" in values else "latent"][row], self.dtype))
+        stored = self.stored(index)
+        latent = stored["mean" if "mean" in stored else "latent"]
         if self.sample:
-            std = torch.from_numpy(decode_values(values["logvar"][row], self.dtype)).mul(0.5).exp()
-            latent = latent + std * torch.randn(latent.shape)
+            latent = latent + stored["logvar"].mul(0.5).exp() * torch.randn(latent.shape)
         return {
             "latent": latent,                                                   # (C, h, w)
             "id": self.ids[index],
@@ -134,6 +132,14 @@ class LatentDataset(Dataset):
             "original_size": torch.from_numpy(self.original_sizes[index]),      # (2,) height, width
             "crop_box": torch.from_numpy(self.crop_boxes[index]),               # (4,)
         }
+
+    def stored(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors stored for item `index`, float32 (C, h, w): "mean" and, unless the dataset was opened with
+        sample=False, "logvar" for a stored posterior; "latent" otherwise. For callers that draw their own
+        posterior samples (with their own generator)."""
+        file, group, row = (int(value) for value in self.locations[index])
+        values = self._row_group(file, group)
+        return {name: torch.from_numpy(decode_values(values[name][row], self.dtype)) for name in values}
 
     def _row_group(self, file: int, group: int) -> dict[str, list[np.ndarray]]:
         """The stored latents of one row group, one (C, h, w) array per row, through a small LRU cache."""

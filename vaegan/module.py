@@ -24,7 +24,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -32,7 +32,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vaegan.autoencoder import AutoencoderKL, preset
-from vaegan.checkpoints import check_complete, save_checkpoint, unreadable
+from vaegan.checkpoints import WholeCheckpointIO
 from vaegan.discriminator import PatchDiscriminator
 from vaegan.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients, on_every_rank
 from vaegan.files import write_json
@@ -661,23 +661,3 @@ def _check_regularizers(hp) -> None:
         if start < 0 or ramp < 0 or (end is not None and end < start):
             raise ValueError(f"{name}: the schedule needs 0 <= {name}_start <= {name}_end and {name}_ramp >= 0, "
                              f"got start {start}, ramp {ramp}, end {end}")
-
-
-class WholeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer and reader, for local files through `vaegan.checkpoints`: a checkpoint is
-    renamed into place only once whole, and one that is not whole is refused with a message naming it."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        save_checkpoint(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location, weights_only)
-        check_complete(path)
-        try:
-            return super().load_checkpoint(path, map_location, weights_only)
-        except Exception as error:  # zip, pickle and unpickler errors of a damaged file come in many types
-            raise unreadable(path, error) from error

@@ -9,7 +9,9 @@
                     and caveats under them
     per_image.png   per-image PSNR and LPIPS of every model, so outliers stand out
     spectra.png     radially averaged power spectra of every model's latents and of the images at their grid
-    sheets/*.png    for a few images: original | each model, full image, zoomed crop and error map
+    sheets/*.png    for a few images: original | each model, full image, zoomed crop and error map; beside each,
+                    a folder of its panels (original, each reconstruction and error map) for report.html
+    report.html     all of it on one page (`vaegan.html_report`)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from vaegan.diagnostics import (
     max_offdiagonal,
 )
 from vaegan.files import write_json
+from vaegan.html_report import write_html_report
 from vaegan.metrics import MS_SSIM_WEIGHTS, LatentStatistics
 from vaegan.normalization import Convention, LatentNormalization
 from vaegan.readers import Skip
@@ -152,7 +155,9 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, Path
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(sheet.name).stem)[:60]
         path = sheet_folder / f"{sheet.index:05d}_{stem}.png"
         comparison_sheet(sheet, [m.label for m in result.models], result.lpips).save(path)
+        sheet_panels(sheet, [m.label for m in result.models], sheet_folder / path.stem)
         paths[f"sheet {sheet.index}"] = path
+    paths["html"] = write_html_report(output)  # last: it shows every file written above
     return paths
 
 
@@ -456,6 +461,18 @@ def comparison_sheet(sheet: SheetImage, labels: list[str], lpips: dict[str, str]
     draw.text((GAP, height - footer + 2), _fit(draw, footer_text, font, width - 2 * GAP), fill=(80, 80, 80),
               font=font)
     return canvas
+
+
+def sheet_panels(sheet: SheetImage, labels: list[str], folder: Path) -> None:
+    """A sheet's panels as separate files, for report.html's side-by-side zoom: 0-original.png, then for the n-th
+    model n-LABEL.png and n-LABEL.error.png (its error map on the sheets' fixed scale)."""
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(sheet.original.permute(1, 2, 0).numpy()).save(folder / "0-original.png")
+    for number, label in enumerate(labels, start=1):
+        name, image = re.sub(r"[^A-Za-z0-9._-]+", "_", label), sheet.reconstructions[label]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{number}-{name}.png")
+        error = colourise(error_map(sheet.original, image))
+        Image.fromarray(error.permute(1, 2, 0).numpy()).save(folder / f"{number}-{name}.error.png")
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, size: int, font) -> None:
