@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -95,12 +96,12 @@ def child(args):
         with open("/proc/self/clear_refs", "w") as file:
             file.write("5")
         baseline = resident_memory()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         image = decode(z).float().clamp(-1, 1)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     peak = resident_memory("VmHWM") - baseline
     torch.save(image, args.output)
-    result = dict(seconds=seconds, peak_mib=peak / 2**20)
+    result = dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_mib=peak / 2**20)
     if runs:  # what the plan promised: multiply-adds against the untiled network's, and the stashes' peak
         result.update(macs_vs_untiled=runs[0].plan.macs / runs[0].untiled_macs(),
                       peak_stash_mib=runs[0].peak_stash_bytes / 2**20)
@@ -113,7 +114,10 @@ def measure(args, row: str, latents: Path, output: Path) -> dict:
         "--arch", args.arch, "--size", str(args.size), "--tile", str(args.tile), "--overlap", str(args.overlap),
         "--threads", str(args.threads), "--warmup", str(args.warmup),
     ] + (["--model", args.model] if args.model else [])
-    result = subprocess.run(command, capture_output=True, text=True)
+    # On a shared machine, OpenMP threads that spin while they wait for a busy core make every small op cost
+    # many times its work; waiting passively keeps the rows comparable (all run alike).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
         raise RuntimeError(f"{row} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -169,30 +173,35 @@ def main(argv=None):
             # Alternate the order of the rows from round to round.
             for row in rows if repeat % 2 == 0 else rows[::-1]:
                 results[row].append(measure(args, row, folder / "latents.pt", folder / f"{row}.pt"))
-                print(f"round {repeat}: {row:14s} {results[row][-1]['seconds']:8.2f} s "
-                      f"{results[row][-1]['peak_mib']:8.0f} MiB", flush=True)
+                last = results[row][-1]
+                print(f"round {repeat}: {row:14s} {last['seconds']:8.2f} s {last['cpu_seconds']:8.2f} s CPU "
+                      f"{last['peak_mib']:8.0f} MiB", flush=True)
         reference = torch.load(folder / "untiled.pt")
         table = []
+        def median(row, key):
+            return statistics.median(r[key] for r in results[row])
+
         for row in rows:
-            seconds = statistics.median(r["seconds"] for r in results[row])
             table.append(dict(
-                row=row, size=args.size, tile=args.tile, seconds=seconds,
-                vs_untiled=seconds / statistics.median(r["seconds"] for r in results["untiled"]),
-                peak_mib=statistics.median(r["peak_mib"] for r in results[row]),
+                row=row, size=args.size, tile=args.tile, seconds=median(row, "seconds"),
+                vs_untiled=median(row, "seconds") / median("untiled", "seconds"),
+                cpu_seconds=median(row, "cpu_seconds"),
+                cpu_vs_untiled=median(row, "cpu_seconds") / median("untiled", "cpu_seconds"),
+                peak_mib=median(row, "peak_mib"),
                 psnr_db=psnr(torch.load(folder / f"{row}.pt"), reference),
                 rounds=results[row],
             ))
     name = args.model or f"random {args.arch}"
     print(f"\n{name}, {args.size}^2 decode, {args.tile}-px tiles ({args.overlap}-px overlap for independent and "
           f"diffusers tiles), fp32, CPU, {args.threads} threads, median of {args.repeats}")
-    print(f"{'row':14s} {'s':>8s} {'x untiled':>9s} {'peak MiB':>9s} {'PSNR dB':>8s} {'MACs x':>7s} "
-          f"{'stash MiB':>9s}")
+    print(f"{'row':14s} {'s':>8s} {'x untiled':>9s} {'CPU s':>8s} {'x untiled':>9s} {'peak MiB':>9s} "
+          f"{'PSNR dB':>8s} {'MACs x':>7s} {'stash MiB':>9s}")
     for row in table:
         plan = row["rounds"][0]
         macs, stash = plan.get("macs_vs_untiled"), plan.get("peak_stash_mib")
-        print(f"{row['row']:14s} {row['seconds']:8.2f} {row['vs_untiled']:9.2f} {row['peak_mib']:9.0f} "
-              f"{row['psnr_db']:8.2f} {'' if macs is None else f'{macs:7.2f}'} "
-              f"{'' if stash is None else f'{stash:9.0f}'}")
+        print(f"{row['row']:14s} {row['seconds']:8.2f} {row['vs_untiled']:9.2f} {row['cpu_seconds']:8.2f} "
+              f"{row['cpu_vs_untiled']:9.2f} {row['peak_mib']:9.0f} {row['psnr_db']:8.2f} "
+              f"{'' if macs is None else f'{macs:7.2f}'} {'' if stash is None else f'{stash:9.0f}'}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(dict(args=vars(args), rows=table), file, indent=2)
