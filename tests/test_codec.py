@@ -118,14 +118,14 @@ def test_tiling_starts_automatically_above_the_pixel_threshold(vae):
     untiled = Codec(vae, auto_tile_pixels=None)
     # 64^2 images fit one default 512-px tile, so auto-tiling must reproduce the untiled result exactly...
     torch.testing.assert_close(auto.encode(x), untiled.encode(x))
-    # ... and a smaller forced tile differs, proving the tiled path actually ran.
-    assert not torch.allclose(Codec(vae, tile_size=32, tile_overlap=16).encode(x), untiled.encode(x))
+    # ... and a smaller forced tile of independent tiles differs, proving the tiled path actually ran.
+    assert not torch.allclose(Codec(vae, tile_size=32, tile_overlap=16, tiling="blend").encode(x), untiled.encode(x))
 
 
 def test_tile_blending_is_exact_for_a_local_network(vae):
     # With a network that only looks at each pixel, any tiling must reproduce the untiled output: this checks
     # the placement of tiles and that the blending weights sum to one everywhere.
-    codec = Codec(vae, tile_size=32, tile_overlap=8)
+    codec = Codec(vae, tile_size=32, tile_overlap=8, tiling="blend")
     codec._encoder = lambda x: torch.nn.functional.avg_pool2d(x, 4).repeat(1, 3, 1, 1)[:, :8] * 3
     codec._decoder = lambda z: torch.nn.functional.interpolate(z[:, :3].tanh(), scale_factor=4.0)
     untiled = copy.copy(codec)
@@ -143,12 +143,23 @@ def test_tiled_is_close_to_untiled_on_a_real_photo():
     vae = small_vae()
     x = photo(128)
     untiled = Codec(vae)
-    tiled = Codec(vae, tile_size=96, tile_overlap=32)
+    tiled = Codec(vae, tile_size=96, tile_overlap=32, tiling="blend")
     latents = untiled.encode(x)
     latent_error = (tiled.encode(x) - latents).abs()
     assert latent_error.max() < 0.12 and latent_error.mean() < 0.01
     image_error = (tiled.decode(latents) - untiled.decode(latents)).abs()
     assert image_error.max() < 0.85 and image_error.mean() < 0.07
+
+
+def test_exact_tiling_is_the_untiled_codec_on_a_real_photo():
+    # The same photo and tiles as above, through the codec's default tiling: equal up to float32 rounding.
+    vae = small_vae()
+    x = photo(128)
+    untiled, tiled = Codec(vae), Codec(vae, tile_size=32)
+    latents = untiled.encode(x)
+    torch.testing.assert_close(tiled.encode(x), latents, rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(tiled.decode(latents), untiled.decode(latents), rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(tiled.posterior(x).logvar, untiled.posterior(x).logvar, rtol=1e-5, atol=3e-5)
 
 
 @pytest.mark.slow

@@ -6,8 +6,11 @@
 - accepts the usual image containers and returns the one asked for (see `encode` and `decode`);
 - runs in chunks of `batch_size`, under `torch.inference_mode()`, in fp32, bf16 or fp16;
 - guards fp16 against overflow: a chunk whose output is not finite is redone in fp32 (warned once);
-- tiles large images into overlapping, equally sized tiles that are blended with smooth weights normalised by
-  their sum, so memory is bounded by the tile size and seams fade out instead of showing.
+- tiles large images so that memory is bounded by the tile size: `tiling="exact"` (the default) runs the
+  network tile by tile with GroupNorm statistics gathered over the whole image (`vaegan.tiling`), so the result
+  equals the untiled one up to float rounding; `tiling="blend"` is the faster approximation most tools use,
+  independent overlapping tiles blended with smooth weights, whose seams fade out but whose every pixel differs
+  from the untiled result (each tile normalises with its own statistics).
 
 Input kinds and what `encode` accepts:
     float torch tensor (B, 3, H, W) or (3, H, W), values in [-1, 1]
@@ -36,8 +39,10 @@ from vaegan.autoencoder import AutoencoderKL, DiagonalGaussian
 from vaegan.dtypes import resolve_dtype
 from vaegan.metrics import to_uint8
 from vaegan.normalization import LatentNormalization
+from vaegan.tiling import decode_exact, encode_exact
 
 OutputKind = Literal["tensor", "uint8", "numpy", "pil"]
+Tiling = Literal["exact", "blend"]
 ImageInput = torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image]
 
 # 512-px tiles (64 latent pixels): the size the SD decoders' memory is usually quoted at, and the attention in
@@ -133,6 +138,7 @@ class Codec:
         tile_size: int | None = None,
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
         auto_tile_pixels: int | None = DEFAULT_AUTO_TILE_PIXELS,
+        tiling: Tiling = "exact",
         compile: bool = False,
         channels_last: bool = True,
     ):
@@ -144,10 +150,14 @@ class Codec:
             batch_size: images (or tiles) per forward pass; bounds activation memory on the device.
             tile_size: tile side in pixels to always tile with; None tiles only images of more than
                 `auto_tile_pixels` pixels, with `DEFAULT_TILE_SIZE` tiles.
-            tile_overlap: overlap between neighbouring tiles in pixels (at least this much; tiles are spread
-                evenly, so the real overlap is often larger).
+            tile_overlap: blended tiles' overlap in pixels (at least this much; tiles are spread evenly, so the
+                real overlap is often larger); exact tiles need none.
             auto_tile_pixels: pixel count (H * W) above which tiling starts by itself; None never auto-tiles.
-            compile: `torch.compile` the encoder and decoder forward passes (one shape per tile size).
+            tiling: "exact" gives the untiled result (tile by tile, image-wide GroupNorm statistics, activations
+                kept whole in host memory between GroupNorms); "blend" blends independent tiles, faster and
+                approximate (see the module doc).
+            compile: `torch.compile` the untiled and blended encoder and decoder passes (one shape per tile
+                size); exact tiling runs eagerly.
             channels_last: run convolutions on NHWC tensors: faster on GPUs, and with oneDNN on CPUs too
                 (`scripts/benchmark_codec.py` measures it).
         """
@@ -158,10 +168,13 @@ class Codec:
                 raise ValueError(
                     f"{name}={value} must be a multiple of the downsampling factor {self.factor}"
                 )
-        if tile_size is not None and not 0 <= tile_overlap < tile_size:
+        if tile_size is not None and tiling == "blend" and not 0 <= tile_overlap < tile_size:
             raise ValueError(f"tile_overlap={tile_overlap} must be in [0, tile_size={tile_size})")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if tiling not in ("exact", "blend"):
+            raise ValueError(f"tiling={tiling!r}; choose 'exact' or 'blend'")
+        self.tiling = tiling
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
@@ -254,10 +267,12 @@ class Codec:
         if tile_size is None and self.auto_tile_pixels is not None and pixels > self.auto_tile_pixels:
             tile_size = DEFAULT_TILE_SIZE
         tile = None if tile_size is None else tile_size // self.factor
-        if tile is None or (latent_height <= tile and latent_width <= tile):
+        if tile is not None and latent_height <= tile and latent_width <= tile:
+            tile = None
+        if tile is None or self.tiling == "exact":
             for start in range(0, x.shape[0], self.batch_size):
                 chunk = slice(start, start + self.batch_size)
-                out[chunk] = self._forward(x[chunk], encode).to(out.device)
+                out[chunk] = self._forward(x[chunk], encode, exact_tile=tile).to(out.device)
             return
         overlap = self.tile_overlap // self.factor
         rows = TileGrid.cover(latent_height, tile, overlap)
@@ -288,14 +303,19 @@ class Codec:
             for result, (image, t) in zip(results, batch, strict=True):
                 out[image][tiles[t].region(out_scale)] += result * weights[t]
 
-    def _forward(self, x: torch.Tensor, encode: bool) -> torch.Tensor:
-        """One chunk through the encoder (moments) or decoder in the codec's dtype, returned as float32.
+    def _forward(self, x: torch.Tensor, encode: bool, exact_tile: int | None = None) -> torch.Tensor:
+        """One chunk through the encoder (moments) or decoder in the codec's dtype, returned as float32; in exact
+        tiles of `exact_tile` latent pixels when given.
 
         If fp16 overflowed to inf/NaN, the chunk is redone with fp32 weights: fp16 tops out at 65504 and the
         SD/SDXL decoders' activations exceed it on some images (the origin of the "fp16-fix" VAE). Only the
         chunks that overflow pay for fp32, so typical images keep fp16 speed.
         """
-        out = (self._encoder if encode else self._decoder)(self._prepare(x, self.dtype))
+        if exact_tile is not None:
+            network = encode_exact if encode else decode_exact
+            out = network(self.vae, self._prepare(x, self.dtype), exact_tile)
+        else:
+            out = (self._encoder if encode else self._decoder)(self._prepare(x, self.dtype))
         if self.dtype != torch.float16 or torch.isfinite(out).all():
             return out.float()
         if self._fp32_vae is None:
@@ -305,6 +325,9 @@ class Codec:
                 "fp16 overflowed to inf/NaN in the VAE; redoing affected chunks in fp32 (warned once)",
                 RuntimeWarning, stacklevel=4,
             )
+        if exact_tile is not None:
+            network = encode_exact if encode else decode_exact
+            return network(self._fp32_vae, self._prepare(x, torch.float32), exact_tile)
         network = self._fp32_vae.moments if encode else self._fp32_vae.decode
         return network(self._prepare(x, torch.float32))
 

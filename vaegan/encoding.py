@@ -95,7 +95,7 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
 
     device = rank.device(job.device)
     codec = Codec(vae, device=device, dtype=job.dtype, batch_size=job.batch_size, tile_size=job.tile_size,
-                  compile=job.compile)
+                  tiling=job.tiling, compile=job.compile)
     encoder = BatchEncoder(codec, job, schema(job.store, job.latent_dtype, shard_metadata(manifest)), folder)
     loader = DataLoader(
         ShardBatches(source, pending, policy, job.batch_size), batch_size=None, num_workers=job.num_workers,

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from vaegan.codec import Codec
+from vaegan.codec import Codec, Tiling
 from vaegan.files import read_json
 from vaegan.formats import load
 from vaegan.manifest import MANIFEST_NAME, weights_sha256
@@ -344,6 +344,7 @@ def decode_latents(
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     batch_size: int = 4,
     tile_size: int | None = None,
+    tiling: Tiling = "exact",
     preset: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
@@ -366,6 +367,7 @@ def decode_latents(
         batch_size: latents (or tiles) per forward pass.
         tile_size: decode in tiles of this many pixels; default: only images above 1024^2, so memory stays
             bounded.
+        tiling: exact tiles decode what the untiled decoder would; blend is faster and approximate.
         preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
         progress: show a progress bar, and a summary at the end.
     """
@@ -391,7 +393,7 @@ def decode_latents(
     if expected_hash and weights_sha256(vae) != expected_hash:
         warnings.warn(f"decoding {source} with {model}, not the VAE that encoded it (weights differ)", stacklevel=2)
     codec = Codec(vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype,
-                  batch_size=batch_size, tile_size=tile_size)
+                  batch_size=batch_size, tile_size=tile_size, tiling=tiling)
     all_names = dataset.ids if dataset is not None else [name for name, _ in named]
     all_shapes = dataset.shapes if dataset is not None else [latent.shape for _, latent in named]
     wanted = None if ids is None else set(ids)

@@ -26,6 +26,7 @@ import torch
 
 from vaegan.autoencoder import AutoencoderKL
 from vaegan.buckets import DEFAULT_MAX_ASPECT, ResolutionPolicy
+from vaegan.codec import Tiling
 from vaegan.files import read_json, write_file_atomically, write_json
 from vaegan.normalization import LatentNormalization
 from vaegan.shards import (
@@ -89,6 +90,7 @@ class EncodeJob:
             at 1 (each launched process is one rank).
         seed: seeds the draws of store=sample, per shard, so reruns draw the same.
         tile_size: encode in tiles of this many pixels; default: only images above 1024^2.
+        tiling: exact tiles encode what the untiled encoder would; blend is faster and approximate.
         compile: torch.compile the encoder (one graph per shape).
         preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
         scaling_factor: override the VAE's scaling factor.
@@ -119,6 +121,7 @@ class EncodeJob:
     num_processes: int = 1
     seed: int = 0
     tile_size: int | None = None
+    tiling: Tiling = "exact"
     compile: bool = False
     preset: str | None = None
     scaling_factor: float | None = None

@@ -158,7 +158,7 @@ class ProbeModule(L.LightningModule):
             self.log_dict({f"val/{key}": value for key, value in self.curve[-1].items() if key != "step"},
                           prog_bar=False)
         if self.checkpoint_path and (step % self.hparams.checkpoint_every == 0 or step == self.hparams.steps):
-            self.trainer.save_checkpoint(self.checkpoint_path)
+            self.trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # with the optimizer: resumable
 
     @torch.no_grad()
     def _update_ema(self) -> None:
