@@ -75,7 +75,8 @@ def decoder(vae: AutoencoderKL, impl: str, args, budget: int | None, runs: list)
             runs[:] = [run]
             return run.run()
         return exact
-    codec = Codec(vae, batch_size=1, tile_size=args.tile, tile_overlap=args.overlap, auto_tile_pixels=None)
+    codec = Codec(vae, batch_size=1, tile_size=args.tile, tile_overlap=args.overlap, auto_tile_pixels=None,
+                  tiling="blend")
     shift = config.shift_factor or 0.0
     return lambda z: codec.decode((z - shift) * config.scaling_factor)
 

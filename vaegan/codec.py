@@ -139,6 +139,7 @@ class Codec:
         tile_overlap: int = DEFAULT_TILE_OVERLAP,
         auto_tile_pixels: int | None = DEFAULT_AUTO_TILE_PIXELS,
         tiling: Tiling = "exact",
+        stash_budget: int | None = None,
         compile: bool = False,
         channels_last: bool = True,
     ):
@@ -156,6 +157,8 @@ class Codec:
             tiling: "exact" gives the untiled result (tile by tile, image-wide GroupNorm statistics, activations
                 kept whole in host memory between GroupNorms); "blend" blends independent tiles, faster and
                 approximate (see the module doc).
+            stash_budget: bytes of whole activations exact tiling keeps between GroupNorms (in host memory);
+                None keeps all it can use (about the untiled pass's time), less recomputes more.
             compile: `torch.compile` the untiled and blended encoder and decoder passes (one shape per tile
                 size); exact tiling runs eagerly.
             channels_last: run convolutions on NHWC tensors: faster on GPUs, and with oneDNN on CPUs too
@@ -174,7 +177,7 @@ class Codec:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         if tiling not in ("exact", "blend"):
             raise ValueError(f"tiling={tiling!r}; choose 'exact' or 'blend'")
-        self.tiling = tiling
+        self.tiling, self.stash_budget = tiling, stash_budget
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
@@ -313,7 +316,7 @@ class Codec:
         """
         if exact_tile is not None:
             network = encode_exact if encode else decode_exact
-            out = network(self.vae, self._prepare(x, self.dtype), exact_tile)
+            out = network(self.vae, self._prepare(x, self.dtype), exact_tile, self.stash_budget)
         else:
             out = (self._encoder if encode else self._decoder)(self._prepare(x, self.dtype))
         if self.dtype != torch.float16 or torch.isfinite(out).all():
@@ -327,7 +330,7 @@ class Codec:
             )
         if exact_tile is not None:
             network = encode_exact if encode else decode_exact
-            return network(self._fp32_vae, self._prepare(x, torch.float32), exact_tile)
+            return network(self._fp32_vae, self._prepare(x, torch.float32), exact_tile, self.stash_budget)
         network = self._fp32_vae.moments if encode else self._fp32_vae.decode
         return network(self._prepare(x, torch.float32))
 
