@@ -85,7 +85,8 @@ def mixed_folder(assets, photo, tmp_path_factory) -> Path:
     for orientation in (6, 3):
         exif = Image.Exif()
         exif[0x0112] = orientation
-        (folder / f"turned{orientation}.jpg").write_bytes(jpeg_bytes(Image.open(photos[4 + orientation % 2]), exif=exif))
+        turned = jpeg_bytes(Image.open(photos[4 + orientation % 2]), exif=exif)
+        (folder / f"turned{orientation}.jpg").write_bytes(turned)
     Image.open(photos[6]).save(folder / "photo.png")
     (folder / "cmyk.jpg").write_bytes(jpeg_bytes(Image.open(photos[7]).convert("CMYK")))
     whole = photo.read_bytes()
