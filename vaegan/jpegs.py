@@ -79,6 +79,10 @@ def decode_jpegs(images: list[JpegImage], device: torch.device) -> list[torch.Te
     from torchvision.io import ImageReadMode, decode_jpeg  # imported here: only this path needs torchvision.io
 
     data = [torch.frombuffer(bytearray(image.data), dtype=torch.uint8) for image in images]  # (N,) each, on the CPU
+    if device.type == "cuda":
+        # nvjpeg does not wait for work queued on the current stream before writing its outputs, which the caching
+        # allocator may hand it from blocks that queued kernels (the previous batch's encoding) still read.
+        torch.cuda.current_stream(device).synchronize()
     try:
         decoded: list[torch.Tensor | None] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # one bad image fails the whole batch: decode them one by one to find it
