@@ -161,7 +161,7 @@ class BatchEncoder:
             self.generators.pop(message.shard, None)
             self.errors += len(message.errors)
             return written + len(message.errors)
-        batch, errors, read_by_pil = message.to(self.codec.device)
+        batch, errors, read_by_pil = message.on_device(self.codec.device)
         self.device_decoded += len(message.jpegs) - read_by_pil
         self.late_errors.setdefault(message.shard, []).extend(errors)
         self.errors += len(errors)

@@ -8,7 +8,7 @@ A source lists its items in a fixed order and cuts them into shards that do not 
 `ShardBatches` runs in DataLoader workers: it reads whole shards, decodes each image, sizes it with the
 resolution policy and yields `ImageBatch`es of one shape, then a `ShardEnd` per shard with its errors. With
 `decode_jpeg="device"` the workers leave JPEGs undecoded, planning only their crops from their headers, and the
-encoding process decodes them on its device (`ImageBatch.to`, `vaegan.jpegs`).
+encoding process decodes them on its device (`ImageBatch.on_device`, `vaegan.jpegs`).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def open_source(
 @dataclass(frozen=True)
 class ImageBatch:
     """Images of one shard and one shape, on their way to the encoder; pixels stay uint8 until the device (4x
-    less to copy than floats). With `decode_jpeg="device"` some are still JPEGs, decoded by `to`."""
+    less to copy than floats). With `decode_jpeg="device"` some are still JPEGs, decoded by `on_device`."""
 
     shard: int
     pixels: torch.Tensor        # (B - J, 3, H, W) uint8, the images decoded by PIL, a channels-last view
@@ -145,7 +145,7 @@ class ImageBatch:
         """Called by a DataLoader with `pin_memory=True`."""
         return replace(self, pixels=self.pixels.pin_memory())
 
-    def to(self, device: torch.device) -> tuple[ImageBatch, list[dict], int]:
+    def on_device(self, device: torch.device) -> tuple[ImageBatch, list[dict], int]:
         """The batch with all its pixels on `device`, its JPEGs decoded there (`vaegan.jpegs.decode_jpegs`).
 
         A JPEG that decode_jpeg refuses is read by PIL here, as a worker would have read it; one that PIL cannot
@@ -191,7 +191,7 @@ class ShardBatches(IterableDataset):
     """Reads whole shards, sizes each image by the policy and yields batches of one shape: per shard, a batch as
     soon as `batch_size` images of one shape are ready and the leftovers at the end, then a `ShardEnd`.
 
-    `decode_jpeg="device"`: JPEGs are planned from their headers and passed on undecoded (see `ImageBatch.to`);
+    `decode_jpeg="device"`: JPEGs are planned from their headers and passed on undecoded (see `ImageBatch.on_device`);
     every other image, and each JPEG whose header says the device would not read it as PIL does, is decoded here.
     """
 
