@@ -8,9 +8,13 @@ Parquet shards. Reported per pipeline: images/s end to end (model loading includ
 loop alone, and the share of the loop spent waiting for data (for the plain loop: the time spent loading
 images, since nothing else can happen meanwhile). The latents of the two are compared as well.
 
+`--decode-jpeg both` adds a row for `vaegan encode --decode_jpeg device`, in the same alternated rounds: the
+workers only read JPEG headers and the encoding process decodes the batch on its device (nvjpeg on CUDA). Its
+decoding time counts as encoding, not as waiting for data; compare the img/s.
+
     python scripts/benchmark_encode.py --arch tiny --images ../shared/assets/bsds500/train --max-images 48
     python scripts/benchmark_encode.py --arch sd --resolution 256 --device cuda --dtype bf16 --max-images 2000 \\
-        --num-workers 8 --json bench.json
+        --num-workers 8 --decode-jpeg both --json bench.json
 """
 
 from __future__ import annotations
@@ -73,11 +77,15 @@ def plain_loop(model_dir: Path, files: list[Path], args, out: Path) -> dict:
     }
 
 
-def vaegan_encode(model_dir: Path, folder: Path, args, out: Path) -> dict:
+PIPELINES = {"workers": "vaegan encode", "device": "vaegan, device JPEGs"}
+
+
+def vaegan_encode(model_dir: Path, folder: Path, args, out: Path, decode_jpeg: str = "workers") -> dict:
     start = time.perf_counter()
     summary = encode_dataset(
         model_dir, folder, out, crop=args.resolution, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, dtype=args.dtype, latent_dtype="fp16", shard_size=args.shard_size, progress=False,
+        decode_jpeg=decode_jpeg,
     )
     synchronize(args.device)
     end = time.perf_counter()
@@ -85,8 +93,9 @@ def vaegan_encode(model_dir: Path, folder: Path, args, out: Path) -> dict:
     order = np.argsort(dataset.indices)  # the listing order, which the plain loop follows too
     mean = torch.stack([dataset[int(i)]["latent"] for i in order])
     return {
-        "pipeline": "vaegan encode", "images": summary.encoded, "seconds": end - start,
-        "loop_seconds": summary.seconds, "data_wait": summary.data_wait, "mean": mean,
+        "pipeline": PIPELINES[decode_jpeg], "images": summary.encoded, "seconds": end - start,
+        "loop_seconds": summary.seconds, "data_wait": summary.data_wait, "device_decoded": summary.device_decoded,
+        "mean": mean,
     }
 
 
@@ -106,6 +115,9 @@ def print_table(rows: list[dict], args) -> None:
         print(f"{row['pipeline']:22s} {row['images']:6d} {row['seconds']:12.2f} "
               f"{row['images'] / row['seconds']:7.2f} {row['images'] / row['loop_seconds']:10.2f} "
               f"{100 * row['data_wait']:8.1f}%")
+    for row in rows:
+        if row.get("device_decoded"):
+            print(f"{row['pipeline']}: {row['device_decoded']} of {row['images']} images decoded on the device")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,8 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="vaegan's data-loading processes (default: vaegan's, the free cores up to 8)")
     parser.add_argument("--shard-size", type=int, default=1000, help="vaegan's images per shard (default: 1000)")
+    parser.add_argument("--decode-jpeg", default="workers", choices=["workers", "device", "both"],
+                        help="where vaegan decodes JPEGs: in its data workers, on the encoding device, or a row for "
+                             "each (default: workers)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of each pipeline, alternating which goes first; medians reported (default: 1)")
+                        help="runs of each pipeline, rotating which goes first; medians reported (default: 1)")
     parser.add_argument("--json", help="write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -147,27 +162,38 @@ def main(argv=None) -> None:
         # diffusers reads this folder too: both sides run the same weights.
         model_dir = vaegan.save(vae, scratch / "vae", format="diffusers")
         # Warm-up (allocator, oneDNN kernels, CUDA context, file cache) outside the timings, for both.
+        modes = ["workers", "device"] if args.decode_jpeg == "both" else [args.decode_jpeg]
         plain_loop(model_dir, files[:args.batch_size], args, scratch / "warm.pt")
-        vaegan_encode(model_dir, warm_folder, args, scratch / "warm")
-        runs: dict[str, list[dict]] = {"plain diffusers loop": [], "vaegan encode": []}
+        for mode in modes:
+            vaegan_encode(model_dir, warm_folder, args, scratch / f"warm-{mode}", mode)
+        names = ["plain", *modes]
+        runs: dict[str, list[dict]] = {"plain diffusers loop": [], **{PIPELINES[mode]: [] for mode in modes}}
         for repeat in range(args.repeats):
-            order = ("plain", "vaegan") if repeat % 2 == 0 else ("vaegan", "plain")
-            for name in order:
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # each goes first in turn
                 if name == "plain":
                     result = plain_loop(model_dir, files, args, scratch / f"plain{repeat}.pt")
                 else:
-                    result = vaegan_encode(model_dir, folder, args, scratch / f"vaegan{repeat}")
+                    result = vaegan_encode(model_dir, folder, args, scratch / f"vaegan-{name}{repeat}", name)
                 runs[result["pipeline"]].append(result)
         rows = []
         for pipeline, results in runs.items():
             median = {key: statistics.median(result[key] for result in results)
                       for key in ("seconds", "loop_seconds", "data_wait")}
             rows.append({"pipeline": pipeline, "images": results[0]["images"], **median})
-        difference = (runs["plain diffusers loop"][0]["mean"] - runs["vaegan encode"][0]["mean"]).abs().max().item()
+            if "device_decoded" in results[0]:
+                rows[-1]["device_decoded"] = results[0]["device_decoded"]
+        means = {pipeline: results[0]["mean"] for pipeline, results in runs.items()}
+        plain = means.pop("plain diffusers loop")
+        differences = {pipeline: (plain - mean).abs().max().item() for pipeline, mean in means.items()}
+        if len(modes) == 2:
+            workers, device = means[PIPELINES["workers"]], means[PIPELINES["device"]]
+            differences["device vs workers"] = (workers - device).abs().max().item()
     print_table(rows, args)
-    print(f"max |difference| of the stored posterior means (both fp16): {difference:.2e}")
+    for pipeline, difference in differences.items():
+        against = "" if pipeline == "device vs workers" else "plain loop vs "
+        print(f"max |difference| of the stored posterior means (fp16), {against}{pipeline}: {difference:.2e}")
     if args.json:
-        report = {"args": vars(args), "results": rows, "max_abs_diff": difference}
+        report = {"args": vars(args), "results": rows, "max_abs_diff": differences}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -54,8 +54,9 @@ python scripts/benchmark_train.py --device "$device" --arch "$train_arch" --reso
   --batch-size "$train_batch" --steps "$train_steps" --precision bf16-mixed $compile --channels-last \
   --json "$out/train.json"
 
-echo "== dataset encoding: vaegan encode vs a plain diffusers loop"
+echo "== dataset encoding: vaegan encode (JPEGs decoded by its workers, and on the device) vs a plain diffusers loop"
 python scripts/benchmark_encode.py --arch "$arch" --device "$device" --dtype bf16 --max-images "$encode_images" \
-  --resolution "$encode_size" --batch-size "$encode_batch" --num-workers "$workers" --json "$out/encode.json"
+  --resolution "$encode_size" --batch-size "$encode_batch" --num-workers "$workers" --decode-jpeg both \
+  --json "$out/encode.json"
 
 python scripts/gpu_summary.py "$out"

@@ -104,6 +104,19 @@ def test_encode_reads_its_options_from_a_config_file(tmp_path, capsys):
     assert manifest["complete"] and manifest["counts"]["encoded"] == 3
 
 
+def test_encode_takes_where_jpegs_are_decoded(tmp_path, capsys):
+    arguments = ["encode", "--model", "vae", "--input", "images", "--output", "latents", "--crop", "32"]
+    with pytest.raises(SystemExit):
+        main([*arguments, "--decode_jpeg", "device", "--print_config"])
+    assert "decode_jpeg: device" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*arguments, "--help"])
+    assert "decode_jpeg" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main([*arguments, "--decode_jpeg", "gpu"])
+    assert exited.value.code != 0
+
+
 RECIPES = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 

@@ -30,5 +30,6 @@ def test_gpu_check_runs_every_step_and_summarises(assets, tmp_path):
     fallback = summary["fp16_fallback"]
     assert not fallback["plain_fp16_finite"] and fallback["codec_fp16_finite"] and fallback["warned"]
     assert [row["implementation"] for row in summary["training"]] == ["reference", "vaegan"]
-    assert {row["pipeline"] for row in summary["encoding"]} == {"plain diffusers loop", "vaegan encode"}
+    assert {row["pipeline"] for row in summary["encoding"]} == {
+        "plain diffusers loop", "vaegan encode", "vaegan, device JPEGs"}
     assert "speedup" in result.stdout and "waiting for data" in result.stdout

@@ -12,8 +12,9 @@ Three policies, one per way diffusion models are trained:
             most `step - 1` pixels per side so both sides are multiples of `step`. Many shapes, so small batches:
             for inspection and evaluation sets rather than training sets.
 
-Each policy returns the processed image and its crop box (left, top, right, bottom) in source pixels, which the
-shards store so that SDXL-style micro-conditioning (original size, crop offsets) can be computed later.
+Each policy plans from the image's size alone (a `CropPlan`: the resize, the crop and the crop box (left, top,
+right, bottom) in source pixels, which the shards store so that SDXL-style micro-conditioning (original size, crop
+offsets) can be computed later), so the plan can be made before the image is decoded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Literal
 
 from PIL import Image
 
-from vaegan.images import RESAMPLE, Box, ImageError, resize_center_crop
+from vaegan.images import Box, CropPlan, ImageError, center_crop_plan
 
 PolicyKind = Literal["crop", "buckets", "max-side"]
 
@@ -59,20 +60,20 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda shape: (abs(math.log(shape[0] / shape[1]) - ratio), -shape[0] * shape[1]))
 
 
-def resize_cover_crop(image: Image.Image, width: int, height: int) -> tuple[Image.Image, Box]:
-    """Resize (antialiased bicubic, aspect kept) until the image covers width x height, then centre crop.
-
-    Returns the crop and its box in source pixels.
-    """
-    source_width, source_height = image.size
+def cover_crop_plan(source_width: int, source_height: int, width: int, height: int) -> CropPlan:
+    """Resize (antialiased bicubic, aspect kept) until the image covers width x height, then centre crop."""
     scale = max(width / source_width, height / source_height)
     new_width = max(width, round(source_width * scale))
     new_height = max(height, round(source_height * scale))
-    if (new_width, new_height) != image.size:
-        image = image.resize((new_width, new_height), RESAMPLE)
     left, top = (new_width - width) // 2, (new_height - height) // 2
-    crop = image.crop((left, top, left + width, top + height))
-    return crop, _source_box(left, top, width, height, new_width / source_width, new_height / source_height)
+    box = _source_box(left, top, width, height, new_width / source_width, new_height / source_height)
+    return CropPlan((new_width, new_height), (left, top, left + width, top + height), box)
+
+
+def resize_cover_crop(image: Image.Image, width: int, height: int) -> tuple[Image.Image, Box]:
+    """`cover_crop_plan` applied: the crop and its box in source pixels."""
+    plan = cover_crop_plan(*image.size, width, height)
+    return plan.apply(image), plan.box
 
 
 def _source_box(left: int, top: int, width: int, height: int, scale_x: float, scale_y: float) -> Box:
@@ -125,20 +126,17 @@ class ResolutionPolicy:
         buckets = tuple(make_buckets(size, step, max_aspect)) if kind == "buckets" else ()
         return cls(kind, size, step, max_aspect, min_size, buckets)
 
-    def apply(self, image: Image.Image) -> tuple[Image.Image, Box]:
-        """The image to encode (sides multiples of the factor) and its crop box in source pixels.
+    def plan(self, width: int, height: int) -> CropPlan:
+        """How a width x height image (oriented) becomes the image to encode (sides multiples of the factor).
 
         Raises `ImageError` when max-side would leave nothing (a sliver thinner than the step once capped).
         """
         if self.kind == "crop":
-            return resize_center_crop(image, self.size)
+            return center_crop_plan(width, height, self.size)
         if self.kind == "buckets":
-            return resize_cover_crop(image, *nearest_bucket(*image.size, list(self.buckets)))
-        width, height = image.size
-        scale = min(1.0, self.size / max(width, height))
+            return cover_crop_plan(width, height, *nearest_bucket(width, height, list(self.buckets)))
+        scale = min(1.0, self.size / max(width, height))  # never upscaled
         new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-        if scale < 1.0:
-            image = image.resize((new_width, new_height), RESAMPLE)
         crop_width, crop_height = new_width // self.step * self.step, new_height // self.step * self.step
         if not crop_width or not crop_height:
             raise ImageError(
@@ -146,8 +144,13 @@ class ResolutionPolicy:
                 f"step {self.step}, nothing would be left to encode"
             )
         left, top = (new_width - crop_width) // 2, (new_height - crop_height) // 2
-        crop = image.crop((left, top, left + crop_width, top + crop_height))
-        return crop, _source_box(left, top, crop_width, crop_height, new_width / width, new_height / height)
+        box = _source_box(left, top, crop_width, crop_height, new_width / width, new_height / height)
+        return CropPlan((new_width, new_height), (left, top, left + crop_width, top + crop_height), box)
+
+    def apply(self, image: Image.Image) -> tuple[Image.Image, Box]:
+        """The image to encode and its crop box in source pixels (`plan`, applied)."""
+        plan = self.plan(*image.size)
+        return plan.apply(image), plan.box
 
     def to_json(self) -> dict:
         """The policy as JSON for the manifest (buckets listed as [width, height])."""

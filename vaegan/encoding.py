@@ -65,6 +65,7 @@ class RankResult:
     encoded: int
     errors: int
     skipped: int  # items of this rank's shards that were done before the run
+    device_decoded: int  # JPEGs decoded on the device (decode_jpeg="device")
     seconds: float  # wall time of the encoding loop
     data_wait_seconds: float  # time spent waiting for the next batch
     complete: bool  # whether this rank found every shard done and wrote the final manifest
@@ -98,8 +99,8 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
                   tiling=job.tiling, compile=job.compile)
     encoder = BatchEncoder(codec, job, schema(job.store, job.latent_dtype, shard_metadata(manifest)), folder)
     loader = DataLoader(
-        ShardBatches(source, pending, policy, job.batch_size), batch_size=None, num_workers=job.num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if job.num_workers else None,
+        ShardBatches(source, pending, policy, job.batch_size, job.decode_jpeg), batch_size=None,
+        num_workers=job.num_workers, pin_memory=device.type == "cuda", prefetch_factor=4 if job.num_workers else None,
         multiprocessing_context=worker_start_method() if job.num_workers else None,
     )
     progress.total = None if source.num_items is None else sum(source.shard_items(shard) for shard in pending)
@@ -121,7 +122,8 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     complete = finalize(folder, manifest) is not None
     return RankResult(
         rank=rank.rank, world_size=rank.world_size, device=str(device), shards=len(pending),
-        encoded=encoder.encoded, errors=encoder.errors, skipped=skipped, seconds=time.perf_counter() - start,
+        encoded=encoder.encoded, errors=encoder.errors, skipped=skipped, device_decoded=encoder.device_decoded,
+        seconds=time.perf_counter() - start,
         data_wait_seconds=waiting, complete=complete,
     )
 
@@ -146,7 +148,7 @@ class BatchEncoder:
         self.generators: dict[int, torch.Generator] = {}
         self.late_errors: dict[int, list[dict]] = {}  # latents that are not finite in the storage dtype
         self.in_flight: _InFlight | None = None
-        self.encoded = self.errors = 0
+        self.encoded = self.errors = self.device_decoded = 0
 
     def add(self, message: ImageBatch | ShardEnd) -> int:
         """Take one batch, or the end of a shard, from the loader; returns how many images it settled."""
@@ -159,10 +161,14 @@ class BatchEncoder:
             self.generators.pop(message.shard, None)
             self.errors += len(message.errors)
             return written + len(message.errors)
-        launched = self._launch(message)
+        batch, errors, read_by_pil = message.on_device(self.codec.device)
+        self.device_decoded += len(message.jpegs) - read_by_pil
+        self.late_errors.setdefault(message.shard, []).extend(errors)
+        self.errors += len(errors)
+        launched = self._launch(batch) if len(batch) else None
         written = self._write(self.in_flight)
         self.in_flight = launched
-        return written
+        return written + len(errors)
 
     def finish(self) -> None:
         self._write(self.in_flight)
@@ -178,7 +184,7 @@ class BatchEncoder:
     @torch.inference_mode()
     def _launch(self, batch: ImageBatch) -> _InFlight:
         codec, normalization = self.codec, self.codec.normalization
-        posterior = codec.posterior(batch.pixels.to(codec.device, non_blocking=True))  # (B, 3, H, W) uint8 in
+        posterior = codec.posterior(batch.pixels)  # (B, 3, H, W) uint8 in, on the device
         if self.job.store == "posterior":
             latents = {
                 "mean": normalization.normalize(posterior.mean),
@@ -254,6 +260,7 @@ class EncodeSummary:
     encoded: int  # images encoded by this call
     errors: int  # unusable inputs met by this call (errors.jsonl lists all of them, of every run)
     skipped: int  # items of shards already done before this call
+    device_decoded: int  # JPEGs decoded on the device (decode_jpeg="device"); PIL read the rest
     seconds: float  # wall time of the slowest rank's encoding loop
     data_wait: float  # share of that time the encoding loops spent waiting for a batch (mean over ranks)
     manifest: dict | None  # the final manifest when every shard is done, else None
@@ -269,6 +276,9 @@ class EncodeSummary:
             f"{self.seconds:.1f} s: {self.images_per_second:.1f} images/s, {100 * self.data_wait:.0f}% of the "
             f"time waiting for data ({len(self.ranks)} process{'es' if len(self.ranks) > 1 else ''})"
         ]
+        if self.device_decoded:
+            lines.append(f"{self.device_decoded} JPEGs decoded on the device, "
+                         f"{self.encoded + self.errors - self.device_decoded} images read by PIL")
         if self.manifest is None:
             lines.append(f"{self.output}: not complete yet (other ranks still running, or rerun to resume)")
         else:
@@ -303,6 +313,7 @@ def encode(job: EncodeJob) -> EncodeSummary:
         encoded=sum(result.encoded for result in results),
         errors=sum(result.errors for result in results),
         skipped=sum(result.skipped for result in results),
+        device_decoded=sum(result.device_decoded for result in results),
         seconds=max(result.seconds for result in results),
         data_wait=float(np.mean([result.data_wait_seconds / max(result.seconds, 1e-9) for result in results])),
         manifest=read_json(manifest_path) if any(result.complete for result in results) else None,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Crop boxes are (left, top, right, bottom) in pixels of the oriented source image. They are floats because an
@@ -94,6 +96,21 @@ def _open(source: str | os.PathLike | bytes | dict | Image.Image) -> Image.Image
     raise ImageError(f"cannot read an image from a {type(source).__name__}")
 
 
+def encoded_bytes(source: str | os.PathLike | bytes | dict | Image.Image) -> bytes | None:
+    """The file behind an image source as stored (for decoding elsewhere, `vaegan.jpegs`), or None when there is
+    none (a PIL image) or it cannot be read; `load_image` then reads the source and reports what is wrong."""
+    try:
+        if isinstance(source, dict):
+            source = source.get("bytes") or source.get("path")
+        if isinstance(source, (bytes, bytearray)):
+            return bytes(source)
+        if isinstance(source, (str, os.PathLike)):
+            return Path(source).read_bytes()
+    except OSError:
+        return None
+    return None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, scaling high bit depths and compositing transparency on white."""
     if image.mode == "RGB":
@@ -124,25 +141,66 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return tensor.float() / 127.5 - 1.0
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """How an image becomes the pixels that are encoded, worked out from its size alone: resized (antialiased
+    bicubic) to `resized` when that differs from its size, then `area` cut out of it. `box` is that area in source
+    pixels. Knowing this before decoding lets dataset encoding decode and crop on the GPU (`vaegan.jpegs`)."""
+
+    resized: tuple[int, int]  # (width, height)
+    area: tuple[int, int, int, int]  # (left, top, right, bottom) in pixels of the resized image
+    box: Box
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the result."""
+        return self.area[2] - self.area[0], self.area[3] - self.area[1]
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """Resize and crop a PIL image of the size this plan was made for."""
+        resized = image.resize(self.resized, RESAMPLE) if self.resized != image.size else image
+        return resized.crop(self.area)
+
+    def apply_to_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The same on a (3, H, W) uint8 tensor, on any device: equal to `apply` within one level, on a few pixels
+        in ten thousand.
+
+        Like PIL, it resizes the width first, then the height, rounding to 8 bits in between; torch's antialiased
+        bicubic uses PIL's kernel (a = -0.5) and support. Resizing both axes at once in float differs by up to
+        three levels, and on far more pixels.
+        """
+        width, height = self.resized
+        if (pixels.shape[-1], pixels.shape[-2]) != self.resized:
+            values = pixels[None].float()  # (1, 3, H, W)
+            for size in ((values.shape[-2], width), (height, width)):
+                if tuple(values.shape[-2:]) != size:
+                    values = F.interpolate(values, size=size, mode="bicubic", antialias=True).round().clamp(0, 255)
+            pixels = values[0].to(torch.uint8)
+        left, top, right, bottom = self.area
+        return pixels[:, top:bottom, left:right]  # (3, h, w)
+
+
+def center_crop_plan(width: int, height: int, size: int) -> CropPlan:
+    """The evaluation protocol's plan for a width x height image: see `resize_center_crop`."""
+    # torchvision truncates the long side (int(), not round()): copy it so sizes agree.
+    new_width, new_height = (
+        (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    )
+    left, top = int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+    # Per-axis scales: the truncated long side makes them differ slightly, and the box should be exact.
+    scale_x, scale_y = new_width / width, new_height / height
+    box = (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y)
+    return CropPlan((new_width, new_height), (left, top, left + size, top + size), box)
+
+
 def resize_center_crop(image: Image.Image, size: int) -> tuple[Image.Image, Box]:
     """The evaluation protocol: resize the shorter side to `size` (antialiased bicubic), then centre crop.
 
     Matches torchvision's `Resize(size, BICUBIC)` + `CenterCrop(size)` on PIL images pixel for pixel, so our
     numbers line up with the usual evaluation scripts. Returns the crop and its box in source pixels.
     """
-    width, height = image.size
-    # torchvision truncates the long side (int(), not round()): copy it so sizes agree.
-    new_width, new_height = (
-        (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
-    )
-    resized = (
-        image.resize((new_width, new_height), RESAMPLE) if (new_width, new_height) != image.size else image
-    )
-    left, top = int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
-    crop = resized.crop((left, top, left + size, top + size))
-    # Per-axis scales: the truncated long side makes them differ slightly, and the box should be exact.
-    scale_x, scale_y = new_width / width, new_height / height
-    return crop, (left / scale_x, top / scale_y, (left + size) / scale_x, (top + size) / scale_y)
+    plan = center_crop_plan(*image.size, size)
+    return plan.apply(image), plan.box
 
 
 def random_crop(

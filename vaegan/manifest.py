@@ -86,6 +86,10 @@ class EncodeJob:
         batch_size: images per forward pass (batches hold one shape: bucket tails are smaller).
         shard_size: images per shard (streams keep one shard per source file).
         num_workers: image-decoding processes per encoding process; default: the free cores, at most 8.
+        decode_jpeg: where JPEGs are decoded: workers (PIL, beside everything else) or device (torchvision's
+            decode_jpeg on the encoding device, batched, nvjpeg on CUDA: for when the workers cannot keep up with a
+            GPU; the workers then only read headers and plan crops). Other files, CMYK JPEGs and JPEGs the device
+            refuses are read by PIL, image by image; pixels agree with PIL's within a level or two.
         num_processes: encoding processes on this machine, one GPU each with device cuda; under torchrun leave it
             at 1 (each launched process is one rank).
         seed: seeds the draws of store=sample, per shard, so reruns draw the same.
@@ -118,6 +122,7 @@ class EncodeJob:
     batch_size: int = 16
     shard_size: int = DEFAULT_SHARD_SIZE
     num_workers: int | None = None
+    decode_jpeg: Literal["workers", "device"] = "workers"
     num_processes: int = 1
     seed: int = 0
     tile_size: int | None = None

@@ -20,6 +20,7 @@ from vaegan.images import (
     IMAGE_EXTENSIONS,
     ImageError,
     check_size,
+    encoded_bytes,
     load_image,
     random_crop,
     resize_center_crop,
@@ -55,6 +56,8 @@ class ImageReader(Protocol):
 
     def __len__(self) -> int: ...
     def read(self, index: int) -> Image.Image: ...  # RGB; raises ImageError
+    # The file as stored (to decode elsewhere) and its name as `read` reports it; None when there is no file.
+    def encoded(self, index: int) -> tuple[bytes, str] | None: ...
     def name(self, index: int) -> str: ...
     def id(self, index: int) -> str: ...
     def fingerprint(self) -> str: ...
@@ -73,6 +76,10 @@ class FolderImages:
 
     def read(self, index: int) -> Image.Image:
         return load_image(self.paths[index])
+
+    def encoded(self, index: int) -> tuple[bytes, str] | None:
+        data = encoded_bytes(self.paths[index])
+        return None if data is None else (data, str(self.paths[index]))
 
     def name(self, index: int) -> str:
         return str(self.paths[index])
@@ -98,6 +105,9 @@ class ArrayImages:
 
     def read(self, index: int) -> Image.Image:
         return load_image(Image.fromarray(self.arrays[index]), name=self.names[index])
+
+    def encoded(self, index: int) -> tuple[bytes, str] | None:
+        return None
 
     def name(self, index: int) -> str:
         return self.names[index]
@@ -128,6 +138,11 @@ class HubImages:
         value = self.dataset[index][self.column]
         return load_image(value, name=row_name(value, f"{self.label}[{index}]"))
 
+    def encoded(self, index: int) -> tuple[bytes, str] | None:
+        value = self.dataset[index][self.column]
+        data = encoded_bytes(value)
+        return None if data is None else (data, row_name(value, f"{self.label}[{index}]"))
+
     def name(self, index: int) -> str:
         return row_name(self.dataset[index][self.column], f"{self.label}[{index}]")
 
@@ -150,6 +165,9 @@ class ReaderSubset:
 
     def read(self, index: int) -> Image.Image:
         return self.reader.read(self.indices[index])
+
+    def encoded(self, index: int) -> tuple[bytes, str] | None:
+        return self.reader.encoded(self.indices[index])
 
     def name(self, index: int) -> str:
         return self.reader.name(self.indices[index])

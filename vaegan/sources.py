@@ -6,7 +6,9 @@ A source lists its items in a fixed order and cuts them into shards that do not 
   * a streamed `datasets` source: shard k is all rows of the source's own shard k (usually one file), since a
     stream has no length to cut; id = "k/row", or an `id_column` value (`__key__` for webdataset).
 `ShardBatches` runs in DataLoader workers: it reads whole shards, decodes each image, sizes it with the
-resolution policy and yields `ImageBatch`es of one shape, then a `ShardEnd` per shard with its errors.
+resolution policy and yields `ImageBatch`es of one shape, then a `ShardEnd` per shard with its errors. With
+`decode_jpeg="device"` the workers leave JPEGs undecoded, planning only their crops from their headers, and the
+encoding process decodes them on its device (`ImageBatch.on_device`, `vaegan.jpegs`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,11 +25,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vaegan.buckets import ResolutionPolicy
-from vaegan.images import ImageError, check_size, load_image
+from vaegan.images import ImageError, check_size, encoded_bytes, load_image
+from vaegan.jpegs import JpegImage, decode_jpegs, jpeg_header
 from vaegan.readers import ImageReader, image_column_only, is_image_folder, load_hub_source, open_reader
 
-# (index within the source or source shard, id, a call that decodes the image or raises ImageError)
-Item = tuple[int, str, Callable[[], Image.Image]]
+# (index within the source or source shard, id, a call that decodes the image or raises ImageError, a call that
+# returns the file as stored and its name for error messages, or None when there is no file)
+Item = tuple[int, str, Callable[[], Image.Image], Callable[[], tuple[bytes, str] | None]]
 
 
 class ReaderSource:
@@ -47,7 +51,7 @@ class ReaderSource:
 
     def items(self, shard: int) -> Iterator[Item]:
         for index in range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_items)):
-            yield index, self.reader.id(index), partial(self.reader.read, index)
+            yield index, self.reader.id(index), partial(self.reader.read, index), partial(self.reader.encoded, index)
 
 
 class StreamSource:
@@ -86,8 +90,13 @@ class StreamSource:
                 return
             for offset, value in enumerate(batch[self.column]):
                 name = str(batch[self.id_column][offset]) if self.id_column else f"{shard}/{row}"
-                yield row, name, partial(load_image, value, name=name)
+                yield row, name, partial(load_image, value, name=name), partial(_encoded, value, name)
                 row += 1
+
+
+def _encoded(value: Any, name: str) -> tuple[bytes, str] | None:
+    data = encoded_bytes(value)
+    return None if data is None else (data, name)
 
 
 Source = ReaderSource | StreamSource
@@ -118,18 +127,55 @@ def open_source(
 @dataclass(frozen=True)
 class ImageBatch:
     """Images of one shard and one shape, on their way to the encoder; pixels stay uint8 until the device (4x
-    less to copy than floats)."""
+    less to copy than floats). With `decode_jpeg="device"` some are still JPEGs, decoded by `on_device`."""
 
     shard: int
-    pixels: torch.Tensor        # (B, 3, H, W) uint8, a channels-last view of the stacked (B, H, W, 3)
+    pixels: torch.Tensor        # (B - J, 3, H, W) uint8, the images decoded by PIL, a channels-last view
     ids: list[str]
     indices: torch.Tensor       # (B,) int64
     source_sizes: torch.Tensor  # (B, 2) int32: (height, width) of each source image, after EXIF rotation
     boxes: torch.Tensor         # (B, 4) float32: (left, top, right, bottom) of the encoded region, source pixels
+    jpegs: list[JpegImage]      # J images to decode on the device
+    is_jpeg: torch.Tensor       # (B,) bool: the rows that are `jpegs`, in order; the others are `pixels`, in order
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def pin_memory(self) -> ImageBatch:
         """Called by a DataLoader with `pin_memory=True`."""
         return replace(self, pixels=self.pixels.pin_memory())
+
+    def on_device(self, device: torch.device) -> tuple[ImageBatch, list[dict], int]:
+        """The batch with all its pixels on `device`, its JPEGs decoded there (`vaegan.jpegs.decode_jpegs`).
+
+        A JPEG that decode_jpeg refuses is read by PIL here, as a worker would have read it; one that PIL cannot
+        read either is left out of the batch. Returns the batch, the errors of the images left out (as
+        `ShardEnd.errors`) and how many JPEGs PIL read.
+        """
+        if not self.jpegs:
+            return replace(self, pixels=self.pixels.to(device, non_blocking=True)), [], 0
+        pixels = torch.empty((len(self), *self.pixels.shape[1:]), dtype=torch.uint8, device=device)  # (B, 3, H, W)
+        pixels[~self.is_jpeg.to(device)] = self.pixels.to(device, non_blocking=True)
+        decoded = decode_jpegs(self.jpegs, device)
+        errors, read_by_pil, kept = [], 0, torch.ones(len(self), dtype=torch.bool)
+        for position, image, crop in zip(self.is_jpeg.nonzero().flatten().tolist(), self.jpegs, decoded, strict=True):
+            if crop is None:
+                read_by_pil += 1
+                try:
+                    crop = to_pixels(image.plan.apply(load_image(image.data, name=image.name)))
+                except ImageError as error:
+                    kept[position] = False
+                    errors.append({"id": self.ids[position], "index": int(self.indices[position]),
+                                   "shard": self.shard, "reason": str(error)})
+                    continue
+            pixels[position] = crop
+        keep = kept.nonzero().flatten()
+        batch = replace(
+            self, pixels=pixels[keep.to(device)], ids=[self.ids[i] for i in keep.tolist()], indices=self.indices[keep],
+            source_sizes=self.source_sizes[keep], boxes=self.boxes[keep], jpegs=[],
+            is_jpeg=torch.zeros(len(keep), dtype=torch.bool),
+        )
+        return batch, errors, read_by_pil
 
 
 @dataclass(frozen=True)
@@ -143,11 +189,19 @@ class ShardEnd:
 
 class ShardBatches(IterableDataset):
     """Reads whole shards, sizes each image by the policy and yields batches of one shape: per shard, a batch as
-    soon as `batch_size` images of one shape are ready and the leftovers at the end, then a `ShardEnd`."""
+    soon as `batch_size` images of one shape are ready and the leftovers at the end, then a `ShardEnd`.
 
-    def __init__(self, source: Source, shards: list[int], policy: ResolutionPolicy, batch_size: int):
+    `decode_jpeg="device"`: JPEGs are planned from their headers and passed on undecoded (see `ImageBatch.on_device`);
+    every other image, and each JPEG whose header says the device would not read it as PIL does, is decoded here.
+    """
+
+    def __init__(
+        self, source: Source, shards: list[int], policy: ResolutionPolicy, batch_size: int,
+        decode_jpeg: Literal["workers", "device"] = "workers",
+    ):
         super().__init__()
         self.source, self.shards, self.policy, self.batch_size = source, shards, policy, batch_size
+        self.decode_jpeg = decode_jpeg
 
     def __iter__(self) -> Iterator[ImageBatch | ShardEnd]:
         worker = get_worker_info()
@@ -159,17 +213,19 @@ class ShardBatches(IterableDataset):
         buckets: dict[tuple[int, int], list[dict]] = {}
         errors: list[dict] = []
         items = 0
-        for index, name, read in self.source.items(shard):
+        for index, name, read, encoded in self.source.items(shard):
             items += 1
             try:
-                row = self.prepare(index, name, read)
+                row = self.plan_jpeg(index, name, encoded) if self.decode_jpeg == "device" else None
+                if row is None:
+                    row = self.prepare(index, name, read)
             except ImageError as error:
                 errors.append({"id": name, "index": index, "shard": shard, "reason": str(error)})
                 continue
-            bucket = buckets.setdefault(row["pixels"].shape[:2], [])
+            bucket = buckets.setdefault(row["shape"], [])
             bucket.append(row)
             if len(bucket) == self.batch_size:
-                yield stack_rows(shard, buckets.pop(row["pixels"].shape[:2]))
+                yield stack_rows(shard, buckets.pop(row["shape"]))
         for shape in sorted(buckets):
             yield stack_rows(shard, buckets[shape])
         yield ShardEnd(shard, items, errors)
@@ -183,17 +239,45 @@ class ShardBatches(IterableDataset):
             raise ImageError(f"{name}: {error}") from error
         return {
             "pixels": np.asarray(pixels, dtype=np.uint8),  # (H, W, 3)
-            "id": name, "index": index, "source_size": (image.height, image.width), "box": box,
+            "shape": (pixels.height, pixels.width), "id": name, "index": index,
+            "source_size": (image.height, image.width), "box": box,
         }
+
+    def plan_jpeg(self, index: int, name: str, encoded: Callable[[], tuple[bytes, str] | None]) -> dict | None:
+        """A JPEG's row, planned from its header and left undecoded; None for anything else."""
+        file = encoded()
+        header = jpeg_header(file[0]) if file else None
+        if header is None:
+            return None
+        width, height, orientation = header
+        check_size((width, height), self.policy.min_size, name)
+        try:
+            plan = self.policy.plan(width, height)
+        except ImageError as error:
+            raise ImageError(f"{name}: {error}") from error
+        return {
+            "jpeg": JpegImage(file[0], file[1], orientation, plan),
+            "shape": plan.size[::-1], "id": name, "index": index, "source_size": (height, width), "box": plan.box,
+        }
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> (3, H, W) uint8, a channels-last view."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def stack_rows(shard: int, rows: list[dict]) -> ImageBatch:
     """Prepared images of one shape -> a batch."""
+    decoded = [row["pixels"] for row in rows if "pixels" in row]
+    height, width = rows[0]["shape"]
     return ImageBatch(
         shard=shard,
-        pixels=torch.from_numpy(np.stack([row["pixels"] for row in rows])).permute(0, 3, 1, 2),
+        pixels=torch.from_numpy(np.stack(decoded) if decoded else np.zeros((0, height, width, 3), np.uint8)).permute(
+            0, 3, 1, 2),
         ids=[row["id"] for row in rows],
         indices=torch.tensor([row["index"] for row in rows], dtype=torch.int64),
         source_sizes=torch.tensor([row["source_size"] for row in rows], dtype=torch.int32),
         boxes=torch.tensor([row["box"] for row in rows], dtype=torch.float32),
+        jpegs=[row["jpeg"] for row in rows if "jpeg" in row],
+        is_jpeg=torch.tensor(["jpeg" in row for row in rows], dtype=torch.bool),
     )
