@@ -131,15 +131,19 @@ def test_compiled_training_follows_the_eager_run(assets, tmp_path):
     assert int(modules[True].batches_seen) == 4
     for name, start in initial[False].items():
         torch.testing.assert_close(initial[True][name], start, rtol=0, atol=0)
-    for network in ("vae.", "discriminator.", "logvar"):
+    assert modules[True].discriminator._compiled_call_impl is not None
+    # Measured (encoder, decoder and discriminator compiled): 0.9 % (autoencoder), 0.4 % (discriminator), 0.01 %
+    # (log-variance); 1.75 %, 0.49 %, 0.04 % with OMP_NUM_THREADS=1. Compiling the discriminator too changes
+    # them by under 0.01 % of the update: its gradients equal eager ones to rounding
+    # (tests/test_compiled_discriminator.py); the rest is the autoencoder's rounding, amplified by Adam.
+    for network, bound in (("vae.", 0.05), ("discriminator.", 0.02), ("logvar", 0.01)):
         names = [name for name in initial[False] if name.startswith(network)]
         eager, compiled = (
             torch.cat([(modules[c].state_dict()[n].float() - initial[c][n].float()).flatten() for n in names])
             for c in (False, True)
         )
         difference = (compiled - eager).norm() / eager.norm()
-        # Measured: 4.4 % (autoencoder), 1.8 % (discriminator); 112 % when the discriminator was compiled too.
-        assert difference < 0.25, f"{network}: compiled updates differ from eager by {difference:.1%}"
+        assert difference < bound, f"{network}: compiled updates differ from eager by {difference:.1%}"
 
 
 # Every regulariser on, their schedules crossing the interruption below: EQ-VAE on half the batches until batch 5,

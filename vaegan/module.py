@@ -135,7 +135,7 @@ class VAEGAN(L.LightningModule):
         max_bad_steps: updates in a row of one network with a loss or gradients that are not finite (each one
             skipped) after which the run stops; a few in a row happen when fp16's loss scale is calibrated.
         channels_last: run the networks in channels_last memory format (faster convolutions on GPUs).
-        compile: `torch.compile` the autoencoder (the discriminator, a small share of the work, stays eager).
+        compile: `torch.compile` the encoder, the decoder and the discriminator.
         grid_images: validation images shown in the reconstruction grid.
     """
 
@@ -285,11 +285,13 @@ class VAEGAN(L.LightningModule):
                     network.to(memory_format=torch.channels_last)
         if self.hparams.compile:
             # The encoder and decoder, whose forward passes `vae.encode` and `vae.decode` call (compiling the
-            # AutoencoderKL itself would only wrap its unused `forward`). Not the discriminator: compiled
-            # (torch 2.14, inductor), the generator's gradient through it came out wrong once it had taken a
-            # step, when differentiated twice for the adaptive weight.
+            # AutoencoderKL itself would only wrap its unused `forward`), and the discriminator. It is called
+            # with its parameters frozen (the generator's step, differentiated twice for the adaptive weight)
+            # and trainable (its own step): dynamo's guards keep one graph for each, and its gradients equal
+            # the eager ones after optimizer steps (tests/test_compiled_discriminator.py).
             self.vae.encoder.compile()
             self.vae.decoder.compile()
+            self.discriminator.compile()
 
     def configure_optimizers(self):
         hp = self.hparams
