@@ -40,6 +40,8 @@ def _offline(monkeypatch):
     monkeypatch.setenv("VAEGAN_OFFLINE", "1")  # torchvision weights from its cache only, never downloaded
     if "VAEGAN_WEIGHTS_DIR" not in os.environ and (SHARED_ASSETS / "lpips").is_dir():
         monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(SHARED_ASSETS / "lpips"))
+    elif "VAEGAN_WEIGHTS_DIR" in os.environ:  # the README's relative path, for commands run in other folders
+        monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(Path(os.environ["VAEGAN_WEIGHTS_DIR"]).resolve()))
     torch.manual_seed(0)
 
 
