@@ -16,7 +16,7 @@ declare -A REGULARIZER=(
   [eq]=""
   [se]="--model.eq_weight 0 --model.se_weight 1"
   [noise]="--model.eq_weight 0 --model.noise_weight 1"
-  [align]="--model.eq_weight 0 --model.align_weight 0.1 --model.align_backbone alexnet"
+  [align]="--model.eq_weight 0 --model.align_weight 0.1 --model.align_backbone alexnet --model.align_lr 1e-2"
 )
 ORDER=(plain eq se noise align)
 

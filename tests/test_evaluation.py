@@ -158,7 +158,7 @@ def test_frechet_distance_matches_scipy_sqrtm_for_general_covariances():
 
 def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch, offline_torchvision):
     monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(tmp_path))
-    with pytest.raises(MissingInceptionWeights, match=f"{INCEPTION_FILE}.*VAEGAN_WEIGHTS_DIR.*--inception-weights"):
+    with pytest.raises(MissingInceptionWeights, match=f"{INCEPTION_FILE}.*VAEGAN_WEIGHTS_DIR.*--inception_weights"):
         InceptionFeatures()
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         InceptionFeatures(tmp_path / "nowhere.safetensors")

@@ -174,7 +174,7 @@ def find_inception_weights(weights: str | os.PathLike | None) -> tuple[dict[str,
 def missing_inception_hint() -> str:
     return (
         f"rFID needs {INCEPTION_FILE} (an inception_v3 state dict, see vaegan/inception.py) in "
-        f"${WEIGHTS_DIR_VARIABLE}, or a file given as --inception-weights"
+        f"${WEIGHTS_DIR_VARIABLE}, or a file given as --inception_weights"
     )
 
 

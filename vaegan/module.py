@@ -122,6 +122,8 @@ class VAEGAN(L.LightningModule):
         align_margin_cosine, align_margin_distance: VA-VAE's margins m1 and m2.
         align_adaptive: weigh the alignment against the reconstruction's gradient at the encoder's last layer
             (VA-VAE); else `align_weight` is the weight.
+        align_lr: learning rate of the 1x1 projection (default: `lr`). A fresh projection beside a trained VAE
+            (a short fine-tune) needs a larger one to line up before its gradient says much to the encoder.
         lr, disc_lr: learning rates of autoencoder and discriminator (`disc_lr` defaults to `lr`).
         betas: Adam betas; (0.5, 0.9) as in LDM.
         optimizer: `adam` or `adamw`; `weight_decay` applies to both.
@@ -192,6 +194,7 @@ class VAEGAN(L.LightningModule):
         align_margin_cosine: float = 0.5,
         align_margin_distance: float = 0.25,
         align_adaptive: bool = True,
+        align_lr: float | None = None,
         lr: float = 1e-4,
         disc_lr: float | None = None,
         betas: tuple[float, float] = (0.5, 0.9),
@@ -298,10 +301,11 @@ class VAEGAN(L.LightningModule):
         generator_params = [p for p in self.vae.parameters() if p.requires_grad]
         if hp.learn_logvar:
             generator_params.append(self.logvar)
+        groups = [{"params": generator_params}]
         if self.align_projection is not None:
-            generator_params += list(self.align_projection.parameters())
+            groups.append({"params": list(self.align_projection.parameters()), "lr": hp.align_lr or hp.lr})
         optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        opt_g = optimizer_class(generator_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        opt_g = optimizer_class(groups, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         opt_d = optimizer_class(
             self.discriminator.parameters(), lr=hp.disc_lr or hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
         )
