@@ -232,6 +232,19 @@ def read_metrics(log_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def test_the_alignment_projection_learns_at_its_own_rate(assets):
+    # One optimizer for the autoencoder and the projection, two learning rates; the schedule scales both.
+    module = VAEGAN(**FAST, align_weight=0.1, align_backbone="alexnet", align_image_size=64, align_lr=1e-2)
+    (generator, _), _ = module.configure_optimizers()
+    autoencoder, projection = generator.param_groups
+    assert autoencoder["initial_lr"] == 1e-3 and projection["initial_lr"] == 1e-2  # before the warm-up's factor
+    assert projection["lr"] == 10 * autoencoder["lr"]
+    assert {id(p) for p in projection["params"]} == {id(p) for p in module.align_projection.parameters()}
+    (generator, _), _ = VAEGAN(**FAST, align_weight=0.1, align_backbone="alexnet", align_image_size=64
+                               ).configure_optimizers()
+    assert [group["initial_lr"] for group in generator.param_groups] == [1e-3, 1e-3]
+
+
 def test_regularizer_settings_are_checked_at_construction(tmp_path):
     with pytest.raises(ValueError, match="eq_probability"):
         VAEGAN(**FAST, eq_weight=1.0, eq_probability=1.5)
