@@ -314,11 +314,7 @@ class Codec:
         SD/SDXL decoders' activations exceed it on some images (the origin of the "fp16-fix" VAE). Only the
         chunks that overflow pay for fp32, so typical images keep fp16 speed.
         """
-        if exact_tile is not None:
-            network = encode_exact if encode else decode_exact
-            out = network(self.vae, self._prepare(x, self.dtype), exact_tile, self.stash_budget)
-        else:
-            out = (self._encoder if encode else self._decoder)(self._prepare(x, self.dtype))
+        out = self._run(self.vae, self._prepare(x, self.dtype), encode, exact_tile)
         if self.dtype != torch.float16 or torch.isfinite(out).all():
             return out.float()
         if self._fp32_vae is None:
@@ -328,11 +324,16 @@ class Codec:
                 "fp16 overflowed to inf/NaN in the VAE; redoing affected chunks in fp32 (warned once)",
                 RuntimeWarning, stacklevel=4,
             )
+        return self._run(self._fp32_vae, self._prepare(x, torch.float32), encode, exact_tile)
+
+    def _run(self, vae: AutoencoderKL, x: torch.Tensor, encode: bool, exact_tile: int | None) -> torch.Tensor:
+        """`vae`'s encoder (moments) or decoder on x: in exact tiles when `exact_tile` is given, else whole, through
+        the (possibly compiled) calls made at construction for the codec's own network."""
         if exact_tile is not None:
-            network = encode_exact if encode else decode_exact
-            return network(self._fp32_vae, self._prepare(x, torch.float32), exact_tile, self.stash_budget)
-        network = self._fp32_vae.moments if encode else self._fp32_vae.decode
-        return network(self._prepare(x, torch.float32))
+            return (encode_exact if encode else decode_exact)(vae, x, exact_tile, self.stash_budget)
+        if vae is self.vae:
+            return (self._encoder if encode else self._decoder)(x)
+        return (vae.moments if encode else vae.decode)(x)
 
     def _prepare(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(device=self.device, dtype=dtype, non_blocking=True)
