@@ -67,3 +67,8 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: unreadable ({error})") from error
+
+
+def as_json(data: Any) -> Any:
+    """`data` as it reads back from JSON (tuples become lists), for comparing with what a file holds."""
+    return json.loads(json.dumps(data))

@@ -27,7 +27,7 @@ import torch
 from vaegan.autoencoder import AutoencoderKL
 from vaegan.buckets import DEFAULT_MAX_ASPECT, ResolutionPolicy
 from vaegan.codec import Tiling
-from vaegan.files import read_json, write_file_atomically, write_json
+from vaegan.files import as_json, read_json, write_file_atomically, write_json
 from vaegan.normalization import LatentNormalization
 from vaegan.shards import (
     DEFAULT_SHARD_SIZE,
@@ -236,17 +236,12 @@ def claim_output(folder: Path, manifest: dict) -> None:
     existing = read_json(path)
     if existing.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a vaegan latents manifest; encode into a new folder")
-    differences = [key for key in PLAN_KEYS if _lookup(existing, key) != _lookup(_as_json(manifest), key)]
+    differences = [key for key in PLAN_KEYS if _lookup(existing, key) != _lookup(as_json(manifest), key)]
     if differences:
         raise ValueError(
             f"{folder} holds latents encoded with other settings or from a changed source ({', '.join(differences)} "
             "differ); resuming would mix them. Rerun with the original settings, or encode into a new folder"
         )
-
-
-def _as_json(data: Any) -> Any:
-    """`data` as it reads back from JSON (tuples become lists), for comparing with a manifest on disk."""
-    return json.loads(json.dumps(data))
 
 
 def finalize(folder: Path, manifest: dict) -> dict | None:

@@ -25,7 +25,6 @@ training resume where they stopped, and the results equal those of an uninterrup
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from vaegan.codec import Codec
 from vaegan.encoding import encode
 from vaegan.evaluation import ModelSpec, parse_model_specs
 from vaegan.features import DistributionFeatures, FeatureNetwork
-from vaegan.files import read_json, replace_folder_atomically, write_file_atomically, write_json
+from vaegan.files import as_json, read_json, replace_folder_atomically, write_file_atomically, write_json
 from vaegan.formats import load
 from vaegan.grids import image_grid, save_grid
 from vaegan.images import RESAMPLE, ImageError
@@ -226,7 +225,7 @@ def claim_output(output: Path, job: ProbeJob) -> None:
     and seeds it probes): probes trained differently must not be compared as if they were alike."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / SETTINGS_NAME
-    settings = {key: value for key, value in _as_json(job_settings(job)).items() if key not in SELECTION}
+    settings = {key: value for key, value in as_json(job_settings(job)).items() if key not in SELECTION}
     if not path.exists():
         write_json(path, settings)
         return
@@ -248,11 +247,6 @@ def claim_label(folder: Path, spec: ModelSpec, scrambled: bool) -> None:
     if existing.get("scrambled") != scrambled:
         raise ValueError(f"{spec.label} was probed {'with' if existing.get('scrambled') else 'without'} scrambling in "
                          f"{folder.parent.parent}; give this variant another label")
-
-
-def _as_json(data: Any) -> Any:
-    """`data` as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(data))
 
 
 # ---- the image set ----
