@@ -7,6 +7,11 @@ same tiles, position by position on the feature grid, through two projections:
   a VAE trained without alignment is measured the same way as one trained with it;
 - **head**: the projection the alignment run trained (`align_projection` in its checkpoint), where there is one.
 
+AlexNet's and SqueezeNet's features are ReLU outputs, all positive, so the mean feature alone (no latent at all)
+already has a cosine of about 0.4 with every feature. The first row prints that floor, and the "centred" columns
+measure the cosine of the deviations from the mean feature (of the fit images), which only what the latent
+explains can raise.
+
     python scripts/measure_alignment.py --models plain=runs/demo-plain/checkpoints/last.ckpt \
         align=runs/demo-align/checkpoints/last.ckpt --backbone alexnet \
         --fit-data ../shared/assets/bsds500/train --data ../shared/assets/kodak
@@ -79,16 +84,28 @@ def main() -> None:
     fit_features, test_features = features_of(vision, fit_images), features_of(vision, test_images)
     print(f"{args.backbone} features {tuple(test_features.shape[1:])} of {len(test_images)} held-out "
           f"{args.tile}² tiles ({args.data}); probe fitted on {len(fit_images)} tiles ({args.fit_data})")
-    print(f"{'model':<12} {'probe cosine':>13} {'head cosine':>12}")
+    mean = fit_features.double().mean(dim=(0, 2, 3))  # (D,)
+    centred = test_features - mean.view(1, -1, 1, 1)
+
+    def cosines(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, float]:
+        """(cosine, centred cosine) of W·z + b with the held-out features."""
+        weight = weight.reshape(weight.shape[0], -1)
+        return (alignment_cosine(latents, test_features, weight, bias).mean().item(),
+                alignment_cosine(latents, centred, weight, bias.double() - mean).mean().item())
+
+    header = ("probe cosine", "centred", "head cosine", "centred")
+    print(f"{'model':<16}" + "".join(f"{name:>14}" for name in header))
+    no_latent = torch.zeros(len(test_images), 1, *test_features.shape[-2:])
+    floor = cosines(no_latent, torch.zeros(len(mean), 1), mean)
+    print(f"{'(mean feature)':<16}{floor[0]:>14.3f}{floor[1]:>14.3f}{'':>14}{'':>14}")
     for spec in args.models:
         label, _, path = spec.partition("=")
         vae = vaegan.load(path).eval()
-        weight, bias = linear_probe(latents_of(vae, fit_images), fit_features)
         test_latents = latents_of(vae, test_images)
-        probe = alignment_cosine(test_latents, test_features, weight, bias).mean().item()
+        probe = cosines(test_latents, *linear_probe(latents_of(vae, fit_images), fit_features))
         head = head_of(Path(path))
-        head_cosine = "n/a" if head is None else f"{alignment_cosine(test_latents, test_features, *head).mean():.3f}"
-        print(f"{label:<12} {probe:>13.3f} {head_cosine:>12}")
+        trained = ("n/a", "n/a") if head is None else [f"{value:.3f}" for value in cosines(test_latents, *head)]
+        print(f"{label:<16}{probe[0]:>14.3f}{probe[1]:>14.3f}{trained[0]:>14}{trained[1]:>14}")
 
 
 if __name__ == "__main__":

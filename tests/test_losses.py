@@ -293,6 +293,21 @@ def test_vf_loss_known_values():
     assert collapsed.margin_distance.item() == pytest.approx(0.375)
 
 
+def test_vf_loss_centred_features_leave_nothing_for_a_constant_projection():
+    # Features sharing a large common part, (10, ±1): a projection that ignores the latents (the bias alone,
+    # (1, 0) everywhere) has cosine 10/sqrt(101) with both and meets the margin; centred they are (0, ±1),
+    # the constant is orthogonal to both (cos 0, relu(0.5 - 0) = 0.5), and the latents (0, ±3) align exactly.
+    features = unit_grid((10.0, 1.0), (10.0, -1.0))
+    constant = unit_grid((1.0, 0.0), (1.0, 0.0))
+    assert vf_loss(constant, features).mean_cosine.item() == pytest.approx(10 / 101 ** 0.5)
+    assert vf_loss(constant, features).margin_cosine.item() == 0.0
+    centred = vf_loss(constant, features, center_features=True)
+    assert centred.mean_cosine.item() == pytest.approx(0.0) and centred.margin_cosine.item() == pytest.approx(0.5)
+    following = vf_loss(unit_grid((0.0, 3.0), (0.0, -3.0)), features, center_features=True)
+    assert following.mean_cosine.item() == pytest.approx(1.0)
+    assert following.margin_cosine.item() == 0.0 and following.margin_distance.item() == 0.0
+
+
 def test_vf_loss_gradients():
     # d/dz relu(0.5 - cos(z, f)) at z = (0, 1), f = (1, 0): cos = 0, gradient -(f/|f||z| - cos z/|z|^2) = (-1, 0).
     z = unit_grid((0.0, 1.0)).requires_grad_(True)

@@ -120,6 +120,8 @@ class VAEGAN(L.LightningModule):
         allow_random_align_backbone: permit a random backbone when no weights exist (only for smoke tests).
         align_image_size: images are resized to this side for the backbone (224: DINOv2's 16x16 patch grid).
         align_margin_cosine, align_margin_distance: VA-VAE's margins m1 and m2.
+        align_center_features: align to the features minus the batch's mean feature (see `losses.vf_loss`): for
+            the CNN backbones, whose ReLU features share one direction that the projection's bias alone matches.
         align_adaptive: weigh the alignment against the reconstruction's gradient at the encoder's last layer
             (VA-VAE); else `align_weight` is the weight.
         align_lr: learning rate of the 1x1 projection (default: `lr`). A fresh projection beside a trained VAE
@@ -193,6 +195,7 @@ class VAEGAN(L.LightningModule):
         align_image_size: int = 224,
         align_margin_cosine: float = 0.5,
         align_margin_distance: float = 0.25,
+        align_center_features: bool = False,
         align_adaptive: bool = True,
         align_lr: float | None = None,
         lr: float = 1e-4,
@@ -406,7 +409,8 @@ class VAEGAN(L.LightningModule):
         ):
             with torch.no_grad():
                 features = self.vision(images)  # (B, D, g, g)
-            vf = vf_loss(self.align_projection(latents), features, hp.align_margin_cosine, hp.align_margin_distance)
+            vf = vf_loss(self.align_projection(latents), features, hp.align_margin_cosine, hp.align_margin_distance,
+                         hp.align_center_features)
             align = vf.margin_cosine + vf.margin_distance
             weight = hp.align_weight * factor
             if hp.align_adaptive:
