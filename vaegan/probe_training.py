@@ -230,7 +230,8 @@ def checkpoint_step(path: Path) -> int:
     if not path.is_file():
         return 0
     check_complete(path)
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    # Memory-mapped: only the step is read here; the weights are read once, by whoever resumes from the file.
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def fit(module: ProbeModule, train: ProbeLatents, batch_size: int, label_dropout: float, *,
