@@ -88,8 +88,7 @@ def main() -> None:
     centred = test_features - mean.view(1, -1, 1, 1)
 
     def cosines(latents: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, float]:
-        """(cosine, centred cosine) of W·z + b with the held-out features."""
-        weight = weight.reshape(weight.shape[0], -1)
+        """(cosine, centred cosine) of W·z + b with the held-out features; W (D, C) or a 1×1 conv's."""
         return (alignment_cosine(latents, test_features, weight, bias).mean().item(),
                 alignment_cosine(latents, centred, weight, bias.double() - mean).mean().item())
 
