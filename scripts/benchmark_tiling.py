@@ -8,8 +8,8 @@ Random weights by default, with random latents; a trained VAE (--model) decodes 
 
     python scripts/benchmark_tiling.py --arch sd --size 512 --tile 192 --repeats 3
     python scripts/benchmark_tiling.py --model runs/demo/vae --size 1024 --tile 512 --repeats 3
-    python scripts/benchmark_tiling.py --arch sd --size 2048 --tile 256 --repeats 1 --budgets 1.5 none \\
-        --impls untiled exact independent
+    python scripts/benchmark_tiling.py --arch sd --size 2048 --tile 256 --repeats 5 --budgets 1.5/fp16 \\
+        --impls untiled exact
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from benchmark_codec import diffusers_tiling, diffusers_twin, resident_memory
 
 from vaegan import AutoencoderKL, Codec, load, preset
+from vaegan.dtypes import resolve_dtype
 from vaegan.tiling import ExactTiling, decoder_graph
 
 IMPLEMENTATIONS = ("untiled", "exact", "independent", "diffusers")
@@ -58,7 +59,7 @@ def photo_latents(vae: AutoencoderKL, size: int) -> torch.Tensor:
         return vae.encode(x).mean
 
 
-def decoder(vae: AutoencoderKL, impl: str, args, budget: int | None, runs: list):
+def decoder(vae: AutoencoderKL, impl: str, args, budget: int | None, stash_dtype: torch.dtype | None, runs: list):
     """fn(raw latents) -> images (B, 3, H, W), for one implementation; the exact one leaves its
     `ExactTiling` in `runs`."""
     config, tile = vae.config, args.tile // vae.config.downsampling_factor
@@ -71,7 +72,7 @@ def decoder(vae: AutoencoderKL, impl: str, args, budget: int | None, runs: list)
         return lambda z: vae.decode(z.contiguous(memory_format=torch.channels_last))
     if impl == "exact":
         def exact(z):
-            run = ExactTiling(decoder_graph(vae), z, tile, stash_budget=budget)
+            run = ExactTiling(decoder_graph(vae), z, tile, stash_budget=budget, stash_dtype=stash_dtype)
             runs[:] = [run]
             return run.run()
         return exact
@@ -83,11 +84,12 @@ def decoder(vae: AutoencoderKL, impl: str, args, budget: int | None, runs: list)
 
 def child(args):
     """Time one decode in this fresh process; print JSON and save the image for the parent."""
-    impl, _, budget_gib = args.child.partition(":")
+    impl, _, stashes = args.child.partition(":")
+    budget_gib, _, stash_dtype = stashes.partition("/")
     budget = None if budget_gib in ("", "none") else int(float(budget_gib) * 2**30)
     vae = build_vae(args)
     runs = []
-    decode = decoder(vae, impl, args, budget, runs)
+    decode = decoder(vae, impl, args, budget, resolve_dtype(stash_dtype) if stash_dtype else None, runs)
     z = torch.load(args.latents)
     with torch.inference_mode():
         for _ in range(args.warmup):
@@ -140,14 +142,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=int, default=None,
                         help="overlap of independent and diffusers tiles in pixels (default: a quarter tile)")
     parser.add_argument("--budgets", nargs="+", default=["none"],
-                        help="stash budgets of the exact rows in GiB, 'none' for unlimited; one row each")
+                        help="stash budgets of the exact rows in GiB, 'none' for unlimited, each optionally with "
+                             "the stashes' dtype after a slash (1.5/fp16); one row each")
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                         help="implementations to measure (untiled is always measured: it is the reference)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each row runs once per round")
     parser.add_argument("--warmup", type=int, default=0, help="untimed decodes in each process before the timed one")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", help="write the rows to this JSON file")
-    parser.add_argument("--child", help=argparse.SUPPRESS)    # internal: impl[:budget GiB]
+    parser.add_argument("--child", help=argparse.SUPPRESS)    # internal: impl[:budget GiB[/stash dtype]]
     parser.add_argument("--latents", help=argparse.SUPPRESS)  # internal: latents file for the child
     parser.add_argument("--output", help=argparse.SUPPRESS)   # internal: where the child saves its image
     args = parser.parse_args(argv)
@@ -170,10 +173,13 @@ def main(argv=None):
         torch.save(z, folder / "latents.pt")
         del vae
         results = {row: [] for row in rows}
+        def image_file(row):
+            return folder / f"{row.replace('/', '-')}.pt"
+
         for repeat in range(args.repeats):
             # Alternate the order of the rows from round to round.
             for row in rows if repeat % 2 == 0 else rows[::-1]:
-                results[row].append(measure(args, row, folder / "latents.pt", folder / f"{row}.pt"))
+                results[row].append(measure(args, row, folder / "latents.pt", image_file(row)))
                 last = results[row][-1]
                 print(f"round {repeat}: {row:14s} {last['seconds']:8.2f} s {last['cpu_seconds']:8.2f} s CPU "
                       f"{last['peak_mib']:8.0f} MiB", flush=True)
@@ -189,7 +195,7 @@ def main(argv=None):
                 cpu_seconds=median(row, "cpu_seconds"),
                 cpu_vs_untiled=median(row, "cpu_seconds") / median("untiled", "cpu_seconds"),
                 peak_mib=median(row, "peak_mib"),
-                psnr_db=psnr(torch.load(folder / f"{row}.pt"), reference),
+                psnr_db=psnr(torch.load(image_file(row)), reference),
                 rounds=results[row],
             ))
     name = args.model or f"random {args.arch}"

@@ -200,6 +200,12 @@ def test_fp16_decode_that_overflows_is_redone_in_fp32():
     assert torch.isfinite(images).all()
     torch.testing.assert_close(images, reference, rtol=0, atol=0.02)
 
+    # Exact tiles redo the overflowing chunk in fp32 with fp32 stashes, even where fp16 stashes were asked for.
+    tiled = Codec(vae, dtype=torch.float16, tile_size=32, stash_dtype="fp16")
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed"):
+        images = tiled.decode(latents)
+    torch.testing.assert_close(images, reference, rtol=0, atol=0.02)
+
 
 def test_wrong_latent_channels_name_expected_and_actual_shapes(vae):
     with pytest.raises(ValueError, match=r"\(1, 16, 8, 8\).*\(B, 4, h, w\)"):

@@ -1,5 +1,7 @@
 """Exact tiling: tiled encode and decode equal the untiled network, for every architecture and stash budget."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,37 @@ def test_budget_bounds_the_stashes_and_the_result_stays_exact():
     limited = ExactTiling(decoder_graph(vae), z, tile=3, stash_budget=budget)
     torch.testing.assert_close(limited.run(), expected, **EXACT)
     assert 0 < limited.peak_stash_bytes <= budget
+
+
+def test_fp16_stashes_hold_twice_the_activations_in_a_budget_and_stay_close():
+    vae = vae_of("sd")
+    z = torch.randn(1, 4, 8, 6)
+    with torch.no_grad():
+        expected = vae.decode(z)
+    unlimited = ExactTiling(decoder_graph(vae), z, tile=3)
+    unlimited.run()
+    budget = unlimited.peak_stash_bytes // 2
+    fp32 = ExactTiling(decoder_graph(vae), z, tile=3, stash_budget=budget)
+    fp16 = ExactTiling(decoder_graph(vae), z, tile=3, stash_budget=budget, stash_dtype=torch.float16)
+    # Half the bytes: within half the budget fp16 keeps every activation, fp32 must recompute some.
+    assert fp16.plan.macs == unlimited.plan.macs < fp32.plan.macs
+    with torch.no_grad():
+        images = fp16.run()
+    assert 0 < fp16.peak_stash_bytes <= budget
+    assert images.dtype == torch.float32
+    # Rounded to 11 significant bits where kept: above the 60 dB that counts as exact for tiling (69 dB here),
+    # below the ~120 dB of fp32 stashes.
+    psnr = 10 * math.log10(4 / (images - expected).square().mean().item())
+    assert 60 < psnr < 100
+
+
+def test_fp16_stash_beyond_its_range_raises_instead_of_keeping_inf():
+    vae = vae_of("sd")
+    z = 1e6 * torch.randn(1, 4, 4, 4)  # the convs before the first GroupNorm pass it on far above 65504
+    with torch.no_grad():
+        assert torch.isfinite(vae.decode(z)).all()  # fine in fp32: GroupNorm rescales it
+    with pytest.raises(OverflowError, match=r"activation \d+ .*float16's range.*wider stash_dtype"):
+        decode_exact(vae, z, tile=2, stash_dtype=torch.float16)
 
 
 def tile_moments(x: torch.Tensor, rows: int, cols: int) -> Moments:

@@ -253,11 +253,12 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, phase_kernel: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w) -> (B, C, 2h, 2w). `phase_kernel`: `self.phase_kernel()`, from callers that upsample
+        many tiles with unchanging weights (folding the kernel costs about as much as a small tile)."""
         batch, channels, height, width = x.shape
-        fold = x.new_tensor(UPSAMPLE_FOLD, dtype=self.conv.weight.dtype)
-        kernel = torch.einsum("aky,oiyx,clx->acoikl", fold, self.conv.weight, fold)
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel.flatten(0, 2), self.conv.bias.repeat(4))
+        kernel = self.phase_kernel() if phase_kernel is None else phase_kernel
+        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, self.conv.bias.repeat(4))
         phases = phases.unflatten(1, (2, 2, channels))  # (batch, row phase, column phase, channels, h+1, w+1)
         memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         out = torch.empty(
@@ -267,6 +268,11 @@ class Upsample2D(nn.Module):
             for c in range(2):
                 out[:, :, a::2, c::2] = phases[:, a, c, :, a : a + height, c : c + width]
         return out
+
+    def phase_kernel(self) -> torch.Tensor:
+        """The four output phases' 2x2 kernels, stacked along the output channels: (4C, C, 2, 2)."""
+        fold = self.conv.weight.new_tensor(UPSAMPLE_FOLD)
+        return torch.einsum("aky,oiyx,clx->acoikl", fold, self.conv.weight, fold).flatten(0, 2)
 
 
 # For output row phase a (0 or 1): which of the 3x3 kernel's rows fall on input rows i-1+a and i+a.

@@ -140,6 +140,7 @@ class Codec:
         auto_tile_pixels: int | None = DEFAULT_AUTO_TILE_PIXELS,
         tiling: Tiling = "exact",
         stash_budget: int | None = None,
+        stash_dtype: torch.dtype | str | None = None,
         compile: bool = False,
         channels_last: bool = True,
     ):
@@ -159,6 +160,9 @@ class Codec:
                 approximate (see the module doc).
             stash_budget: bytes of whole activations exact tiling keeps between GroupNorms (in host memory);
                 None keeps all it can use (about the untiled pass's time), less recomputes more.
+            stash_dtype: the precision of those kept activations; None for `dtype`. "fp16" under fp32 halves
+                them, so a budget recomputes less, and rounds them (no longer exact up to fp32 rounding; see
+                `vaegan.tiling.ExactTiling`); a VAE whose activations exceed fp16's range raises OverflowError.
             compile: `torch.compile` the untiled and blended encoder and decoder passes (one shape per tile
                 size); exact tiling runs eagerly.
             channels_last: run convolutions on NHWC tensors: faster on GPUs, and with oneDNN on CPUs too
@@ -178,6 +182,7 @@ class Codec:
         if tiling not in ("exact", "blend"):
             raise ValueError(f"tiling={tiling!r}; choose 'exact' or 'blend'")
         self.tiling, self.stash_budget = tiling, stash_budget
+        self.stash_dtype = None if stash_dtype is None else resolve_dtype(stash_dtype)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.batch_size = batch_size
@@ -330,7 +335,10 @@ class Codec:
         """`vae`'s encoder (moments) or decoder on x: in exact tiles when `exact_tile` is given, else whole, through
         the (possibly compiled) calls made at construction for the codec's own network."""
         if exact_tile is not None:
-            return (encode_exact if encode else decode_exact)(vae, x, exact_tile, self.stash_budget)
+            # The fp32 redo of an fp16 overflow keeps its activations in fp32 too: fp16 is what overflowed.
+            stash_dtype = self.stash_dtype if vae is self.vae else None
+            return (encode_exact if encode else decode_exact)(vae, x, exact_tile, self.stash_budget,
+                                                              stash_dtype=stash_dtype)
         if vae is self.vae:
             return (self._encoder if encode else self._decoder)(x)
         return (vae.moments if encode else vae.decode)(x)
