@@ -78,13 +78,19 @@ def test_channels_last_model_and_single_tile_and_one_pixel_tiles():
         torch.testing.assert_close(decode_exact(vae, z, tile=tile), expected, **EXACT)
 
 
-def test_budget_bounds_the_stashes_and_the_result_stays_exact():
+def sd_decode_without_a_budget() -> tuple[AutoencoderKL, torch.Tensor, torch.Tensor, ExactTiling]:
+    """The narrow SD VAE, latents, their untiled decode, and an exact tiling of them without a budget, run."""
     vae = vae_of("sd")
     z = torch.randn(1, 4, 8, 6)
     with torch.no_grad():
         expected = vae.decode(z)
-    unlimited = ExactTiling(decoder_graph(vae), z, tile=3)
-    torch.testing.assert_close(unlimited.run(), expected, **EXACT)
+        unlimited = ExactTiling(decoder_graph(vae), z, tile=3)
+        torch.testing.assert_close(unlimited.run(), expected, **EXACT)
+    return vae, z, expected, unlimited
+
+
+def test_budget_bounds_the_stashes_and_the_result_stays_exact():
+    vae, z, expected, unlimited = sd_decode_without_a_budget()
     budget = unlimited.peak_stash_bytes // 3
     limited = ExactTiling(decoder_graph(vae), z, tile=3, stash_budget=budget)
     torch.testing.assert_close(limited.run(), expected, **EXACT)
@@ -92,12 +98,7 @@ def test_budget_bounds_the_stashes_and_the_result_stays_exact():
 
 
 def test_fp16_stashes_hold_twice_the_activations_in_a_budget_and_stay_close():
-    vae = vae_of("sd")
-    z = torch.randn(1, 4, 8, 6)
-    with torch.no_grad():
-        expected = vae.decode(z)
-    unlimited = ExactTiling(decoder_graph(vae), z, tile=3)
-    unlimited.run()
+    vae, z, expected, unlimited = sd_decode_without_a_budget()
     budget = unlimited.peak_stash_bytes // 2
     fp32 = ExactTiling(decoder_graph(vae), z, tile=3, stash_budget=budget)
     fp16 = ExactTiling(decoder_graph(vae), z, tile=3, stash_budget=budget, stash_dtype=torch.float16)

@@ -255,7 +255,7 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor, phase_kernel: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, h, w) -> (B, C, 2h, 2w). `phase_kernel`: `self.phase_kernel()`, from callers that upsample
-        many tiles with unchanging weights (folding the kernel costs about as much as a small tile)."""
+        many tiles with unchanging weights (folding it for every tile took 2 % of an exact tiled decode)."""
         batch, channels, height, width = x.shape
         kernel = self.phase_kernel() if phase_kernel is None else phase_kernel
         phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, self.conv.bias.repeat(4))
