@@ -8,7 +8,7 @@ Random weights by default, with random latents; a trained VAE (--model) decodes 
 
     python scripts/benchmark_tiling.py --arch sd --size 512 --tile 192 --repeats 3
     python scripts/benchmark_tiling.py --model runs/demo/vae --size 1024 --tile 512 --repeats 3
-    python scripts/benchmark_tiling.py --arch sd --size 2048 --tile 256 --repeats 5 --budgets 1.5/fp16 \\
+    python scripts/benchmark_tiling.py --arch sd --size 2048 --tile 128 --repeats 5 --budgets 1.5/fp16 \\
         --impls untiled exact
 """
 
