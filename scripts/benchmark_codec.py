@@ -1,10 +1,10 @@
 """Benchmark vaegan's Codec against diffusers' AutoencoderKL with the same weights.
 
 Throughput (images/s, median of repeats, the two implementations alternated within one run after a warm-up),
-an fp32 equality check, optional peak memory (a fresh subprocess per measurement: peak RSS minus its baseline
-on CPU, max_memory_allocated on CUDA), the seam error of tiled vs untiled output on a real photo, and the peak
-memory of a 2048^2 decode. Random weights for speed and memory, which do not depend on training; seams need a
-trained VAE (--model).
+an fp32 equality check, optional peak memory (on CPU a fresh subprocess per measurement, its peak RSS minus its
+baseline; on CUDA max_memory_allocated above the loaded models, in this process), the seam error of tiled vs
+untiled output on a real photo, and the peak memory of a 2048^2 decode. Random weights for speed and memory, which
+do not depend on training; seams need a trained VAE (--model).
 
     python scripts/benchmark_codec.py --arch sd --sizes 256 --repeats 3 --json bench.json
     python scripts/benchmark_codec.py --seams --model runs/demo/vae --sizes
@@ -29,13 +29,18 @@ from vaegan.formats import diffusers_class, diffusers_config
 from vaegan.normalization import LatentNormalization
 
 
-def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False):
-    """Our VAE and diffusers' AutoencoderKL holding the same random weights."""
+def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False,
+                 compile: bool = False):
+    """Our VAE and diffusers' AutoencoderKL holding the same random weights; with `compile`, diffusers' encoder
+    and decoder are compiled as the codec compiles ours, so that compiled rows compare like with like."""
     torch.manual_seed(0)
     ours = AutoencoderKL(preset(arch))
     theirs = diffusers_twin(ours).to(device=device, dtype=dtype)
     if diffusers_channels_last:
         theirs.to(memory_format=torch.channels_last)
+    if compile:
+        theirs.encoder.compile(dynamic=False)
+        theirs.decoder.compile(dynamic=False)
     return ours, theirs
 
 
@@ -138,6 +143,7 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
     inputs = {"encode": images, "decode": latents}
     times = {key: [] for key in run}
     outputs = {}
+    peaks = {}
     for repeat in range(args.warmup + args.repeats):
         for op in ("encode", "decode"):
             # Alternate which implementation goes first so drift (thermal, neighbours) hits both alike.
@@ -149,6 +155,8 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
                 synchronize(args.device)
                 if repeat >= args.warmup:
                     times[impl, op].append(time.perf_counter() - start)
+    if args.memory and args.device.startswith("cuda"):
+        peaks = {key: cuda_peak_mib(run[key], inputs[key[1]]) for key in run}
     flops = nominal_flops(ours, size)
     rows = []
     for impl, op in run:
@@ -159,7 +167,20 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
             compile=args.compile, seconds=seconds, images_per_s=batch / seconds, max_abs_diff_vs_diffusers=difference,
             nominal_flops_per_image=flops[op], achieved_tflops=flops[op] * batch / seconds / 1e12,
         ))
+        if (impl, op) in peaks:
+            rows[-1]["peak_mib"] = peaks[impl, op]
     return rows
+
+
+def cuda_peak_mib(fn, x: torch.Tensor) -> float:
+    """The most CUDA memory one call allocates above what is allocated before it (the models, the input), MiB.
+    The caching allocator counts tensors, not the blocks it keeps, so this needs no fresh process."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    fn(x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
 
 
 # ---- peak memory in a fresh process ----
@@ -215,7 +236,7 @@ def peak_memory(args, impl: str, op: str, size: int, tiled: bool) -> dict:
         "--arch", args.arch, "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
         "--batch-size", str(args.batch_size), "--tile-size", str(args.tile_size),
         "--tile-overlap", str(args.tile_overlap), "--tile-batch", str(args.tile_batch),
-    ] + (["--channels-last"] if args.channels_last else ["--no-channels-last"])
+    ] + {True: ["--channels-last"], False: ["--no-channels-last"], None: []}[args.channels_last]
     command += ["--diffusers-channels-last"] if args.diffusers_channels_last else []
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -298,13 +319,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiles per forward pass in tiled rows (diffusers decodes one at a time)")
     parser.add_argument("--tiled", choices=["both", "yes", "no"], default="both",
                         help="time untiled, tiled (sizes above --tile-size only) or both")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the codec in channels_last (its default; --no-channels-last for NCHW)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the codec in channels_last, or NCHW with --no-channels-last (default: the "
+                             "codec's, channels_last on a CPU only)")
     parser.add_argument("--diffusers-channels-last", action="store_true",
                         help="also convert diffusers' model to channels_last (it runs NCHW as loaded)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the codec's network calls")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the codec's network calls, and diffusers' encoder and decoder")
     parser.add_argument("--memory", action="store_true",
-                        help="also measure each row's peak memory in a fresh subprocess (one extra run each)")
+                        help="also measure each row's peak memory (one extra call each; on CPU in a fresh subprocess)")
     parser.add_argument("--seams", action="store_true",
                         help="measure tiled-vs-untiled error on a 512^2 photo")
     parser.add_argument("--seam-tile-size", type=int, default=256, help="tile size for --seams")
@@ -322,19 +345,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # cuDNN picks each convolution's fastest algorithm on its first call at a shape (the warm-up), for both
+    # implementations alike: what a throughput-minded user of either sets.
+    torch.backends.cudnn.benchmark = args.device.startswith("cuda")
     if args.child:
         print(json.dumps(child_peak_memory(args)))
         return
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "timings": []}
     if args.sizes:
-        ours, theirs = build_models(args.arch, resolve_dtype(args.dtype), args.device, args.diffusers_channels_last)
+        ours, theirs = build_models(args.arch, resolve_dtype(args.dtype), args.device, args.diffusers_channels_last,
+                                    args.compile)
         for size in args.sizes:
             modes = {"both": [False, True], "yes": [True], "no": [False]}[args.tiled]
             for tiled in modes:
                 if tiled and size <= args.tile_size:
                     continue  # one tile: identical to untiled
                 rows = benchmark_size(ours, theirs, args, size, tiled)
-                if args.memory:
+                if args.memory and not args.device.startswith("cuda"):
                     for row in rows:
                         row["peak_mib"] = peak_memory(args, row["impl"], row["op"], size, tiled)["peak_mib"]
                 results["timings"] += rows

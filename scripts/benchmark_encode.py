@@ -100,10 +100,10 @@ def vaegan_encode(model_dir: Path, folder: Path, args, out: Path, decode_jpeg: s
 
 
 def link_folder(files: list[Path], folder: Path) -> Path:
-    """A folder of symbolic links to `files`."""
+    """A folder of symbolic links to `files`, numbered in their order (a file may come more than once)."""
     folder.mkdir()
-    for path in files:
-        os.symlink(path.resolve(), folder / path.name)
+    for index, path in enumerate(files):
+        os.symlink(path.resolve(), folder / f"{index:07d}-{path.name}")
     return folder
 
 
@@ -126,7 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="architecture preset with random weights (default: tiny); ignored with --model")
     parser.add_argument("--model", default=None, help="a VAE vaegan reads, instead of random weights")
     parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images (default: BSDS500 train)")
-    parser.add_argument("--max-images", type=int, default=48, help="the first N images of the folder (default: 48)")
+    parser.add_argument("--max-images", type=int, default=48,
+                        help="the first N images of the folder, cycling through it again if it holds fewer: a GPU "
+                             "encodes a small folder in less time than its data workers take to start (default: 48)")
     parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of both models")
@@ -149,9 +151,10 @@ def main(argv=None) -> None:
     if args.num_workers is None:
         args.num_workers = default_num_workers(1)
     torch.set_num_threads(args.threads)
-    files = list_image_files(Path(args.images))[:args.max_images]
+    files = list_image_files(Path(args.images))
     if not files:
         raise SystemExit(f"{args.images}: no images")
+    files = [files[index % len(files)] for index in range(args.max_images)]
     with tempfile.TemporaryDirectory(prefix="benchmark_encode_") as scratch:
         scratch = Path(scratch)
         folder = link_folder(files, scratch / "images")  # exactly the chosen files, for both pipelines

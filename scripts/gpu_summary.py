@@ -1,6 +1,7 @@
 """Collect the JSON that scripts/gpu_check.sh wrote into one summary: codec speed and memory against diffusers,
 the fraction of the GPU's bf16 peak the SD VAE reaches at 512^2, the fp16 fallback, training against the
-reference loop, and dataset encoding with its share of time waiting for data. Prints the README's rows.
+reference loop, and dataset encoding with its share of time waiting for data. Prints the README's rows. A step
+that failed or was skipped (OUT/steps.tsv) leaves its part of the summary empty, and the summary says which.
 
     python scripts/gpu_summary.py benchmarks/gpu
 """
@@ -60,20 +61,46 @@ def peak_fraction(rows: list[dict], peak: float | None, size: int = 512) -> dict
             "compile": {op: best[op]["compile"] for op in best}}
 
 
+def read(path: Path, key: str | None = None):
+    """A benchmark's JSON (its `key` part), or None where its step wrote none."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data[key] if key else data
+
+
+def steps(folder: Path) -> list[dict]:
+    """gpu_check.sh's log of its steps: name, exit status ('skipped' when the budget was spent), seconds."""
+    path = folder / "steps.tsv"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [dict(zip(("step", "status", "seconds"), line.split("\t"), strict=True)) for line in lines]
+
+
+def training_rows(folder: Path) -> list[dict]:
+    """The eager run's rows, then the compiled run's vaegan rows, each with its speed-up over its own run's
+    reference loop."""
+    rows = read(folder / "train.json", "rows") or []
+    compiled = read(folder / "train-compile.json", "rows") or []
+    return rows + [row for row in compiled if row["implementation"] != "reference" or not rows]
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="the output folder of scripts/gpu_check.sh")
     args = parser.parse_args(argv)
     folder = args.folder
-    device = json.loads((folder / "device.json").read_text())
+    device = read(folder / "device.json")
+    if device is None:
+        raise SystemExit(f"{folder / 'device.json'}: missing; gpu_check.sh's first step did not run")
     rows = codec_rows(folder)
     summary = {
         "device": device,
+        "steps": steps(folder),
         "codec": ratios(rows),
         "bf16_peak_fraction": peak_fraction(rows, peak_of(device.get("name"))),
-        "fp16_fallback": json.loads((folder / "fp16.json").read_text()),
-        "training": json.loads((folder / "train.json").read_text())["rows"],
-        "encoding": json.loads((folder / "encode.json").read_text())["results"],
+        "fp16_fallback": read(folder / "fp16.json"),
+        "training": training_rows(folder),
+        "encoding": read(folder / "encode.json", "results") or [],
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -88,18 +115,25 @@ def main(argv=None) -> dict:
               f"| {row['diffusers_images_per_s']:.1f} | {row['speedup']:.2f}× | {memory} |")
     fraction = summary["bf16_peak_fraction"]
     if fraction:
+        measured = device.get("bf16_matmul_tflops")
         print(f"SD VAE encode + decode at 512², bf16: {fraction['achieved_tflops']:.0f} TFLOP/s of "
               f"{fraction['nominal_tflop_per_image']:.2f} TFLOP per image = {100 * fraction['fraction']:.0f} % of "
-              f"the {fraction['peak_tflops']:.0f} TFLOP/s bf16 peak")
+              f"the {fraction['peak_tflops']:.0f} TFLOP/s bf16 peak"
+              + (f" ({100 * fraction['achieved_tflops'] / measured:.0f} % of the {measured:.0f} TFLOP/s an 8192³ "
+                 "matrix product reaches here)" if measured else ""))
     fallback = summary["fp16_fallback"]
-    print(f"fp16 overflow: plain fp16 finite {fallback['plain_fp16_finite']}, codec finite "
-          f"{fallback['codec_fp16_finite']}, max |diff| vs fp32 {fallback['max_abs_diff_vs_fp32']:.3g}")
+    if fallback:
+        print(f"fp16 overflow: plain fp16 finite {fallback['plain_fp16_finite']}, codec finite "
+              f"{fallback['codec_fp16_finite']}, max |diff| vs fp32 {fallback['max_abs_diff_vs_fp32']:.3g}")
     for row in summary["training"]:
         print(f"training {row['implementation']} ({row['settings']}): {row['images_per_sec']:.1f} img/s, "
               f"{row.get('speedup', 1.0):.2f}x the reference")
     for row in summary["encoding"]:
         print(f"encoding {row['pipeline']}: {row['images'] / row['seconds']:.1f} img/s end to end, "
               f"{100 * row['data_wait']:.0f} % waiting for data")
+    unfinished = [f"{step['step']} ({step['status']})" for step in summary["steps"] if step["status"] != "0"]
+    if unfinished:
+        print("not measured: " + ", ".join(unfinished))
     return summary
 
 

@@ -24,6 +24,7 @@ def test_gpu_check_runs_every_step_and_summarises(assets, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"]["device"] == "cpu"
+    assert [step["status"] for step in summary["steps"]] == ["0"] * 6, summary["steps"]
     assert {(row["dtype"], row["op"]) for row in summary["codec"]} == {
         (dtype, op) for dtype in ("bf16", "fp16") for op in ("encode", "decode")}
     assert all(row["speedup"] > 0 and row["vaegan_images_per_s"] > 0 for row in summary["codec"])
@@ -33,3 +34,12 @@ def test_gpu_check_runs_every_step_and_summarises(assets, tmp_path):
     assert {row["pipeline"] for row in summary["encoding"]} == {
         "plain diffusers loop", "vaegan encode", "vaegan, device JPEGs"}
     assert "speedup" in result.stdout and "waiting for data" in result.stdout
+
+    # A step that failed or ran out of time leaves its part empty; the summary still comes, naming it.
+    (out / "encode.json").unlink()
+    with open(out / "steps.tsv", "a") as steps:
+        steps.write("encode\t124\t30\n")
+    partial = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_summary.py"), str(out)], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+    assert json.loads((out / "summary.json").read_text())["encoding"] == []
+    assert "not measured: encode (124)" in partial.stdout
