@@ -61,6 +61,15 @@ def test_codec_freezes_the_model(vae):
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
 
 
+def test_convolutions_run_channels_last_by_default_on_a_cpu_only():
+    # NHWC is faster with oneDNN and was slower with cuDNN on the one GPU measured (docs/gpu/2026-11-29-h200).
+    weight = Codec(small_vae()).vae.decoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    elsewhere = Codec(small_vae(), device="meta")
+    assert not elsewhere.channels_last and elsewhere.vae.decoder.conv_in.weight.is_contiguous()
+    assert Codec(small_vae(), channels_last=False).vae.decoder.conv_in.weight.is_contiguous()
+
+
 def test_every_input_kind_encodes_alike_and_decode_returns_the_kind_asked_for(vae):
     codec = Codec(vae)
     array = np.random.default_rng(0).integers(0, 256, (2, 32, 40, 3), dtype=np.uint8)  # (B, H, W, 3)

@@ -142,7 +142,7 @@ class Codec:
         stash_budget: int | None = None,
         stash_dtype: torch.dtype | str | None = None,
         compile: bool = False,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
     ):
         """
         Args:
@@ -165,8 +165,9 @@ class Codec:
                 `vaegan.tiling.ExactTiling`); a VAE whose activations exceed fp16's range raises OverflowError.
             compile: `torch.compile` the untiled and blended encoder and decoder passes (one shape per tile
                 size); exact tiling runs eagerly.
-            channels_last: run convolutions on NHWC tensors: faster on GPUs, and with oneDNN on CPUs too
-                (`scripts/benchmark_codec.py` measures it).
+            channels_last: run convolutions on NHWC tensors; None: on a CPU only. With oneDNN on CPUs NHWC is
+                faster; on an H200 (bf16, cuDNN 9.19) the SD VAE ran 23-33 % slower in it than in NCHW at 512² and 1024²
+                (`scripts/benchmark_codec.py` measures both: docs/gpu/2026-11-29-h200).
         """
         config = vae.config
         self.factor = config.downsampling_factor
@@ -189,13 +190,13 @@ class Codec:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.auto_tile_pixels = auto_tile_pixels
-        self.channels_last = channels_last
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.normalization = LatentNormalization.of(vae)
         # Normalised latents: FLUX.2's are 2x2 patches of the VAE's, with 4x the channels.
         self.latent_channels = self.normalization.channels(config.latent_channels)
 
         self.vae = vae.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-        if channels_last:
+        if self.channels_last:
             self.vae.to(memory_format=torch.channels_last)
         # The two tensor-to-tensor calls (not `vae.encode`, which returns a dataclass): compiling these is what
         # keeps torch.compile from breaking on encode.
