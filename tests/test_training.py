@@ -4,6 +4,8 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +18,8 @@ from vaegan.data import ImageDataModule
 from vaegan.module import VAEGAN
 
 from conftest import bsds_photos
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = dict(
     arch="tiny", perceptual_net="squeeze", perceptual_weight=0.5, lr=1e-3, disc_lr=2e-4, lr_warmup=10,
@@ -212,7 +216,7 @@ def test_a_run_with_every_regularizer_resumes_exactly_after_kill_9(assets, tmp_p
 
 
 @pytest.mark.slow
-def test_every_regularizer_stays_finite_under_bf16_mixed(assets, tmp_path):
+def test_every_regularizer_stays_finite_under_bf16_mixed_and_the_alignment_is_measured(assets, tmp_path):
     folder = bsds_photos(assets, tmp_path, "train", 8)
     module = _regularized_run(tmp_path, folder, precision="bf16-mixed")
     metrics = read_metrics(tmp_path / "logs")
@@ -224,6 +228,22 @@ def test_every_regularizer_stays_finite_under_bf16_mixed(assets, tmp_path):
     align_weights = [float(row["train/align_weight"]) for row in metrics if row.get("train/align_weight")]
     assert align_weights[0] > 0  # the adaptive weight, computed in fp32, is a real number, not 0 from a NaN
     assert all(torch.isfinite(p).all() for p in module.vae.parameters())
+
+    # scripts/measure_alignment.py on this run: the checkpoint holds the trained head, its exported VAE (the same
+    # EMA weights) none, and the probe fitted on the same images measures both alike.
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    exported = vaegan.save(vaegan.load(checkpoint), tmp_path / "exported")
+    held_out = bsds_photos(assets, tmp_path, "test", 4)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "measure_alignment.py"), "--models", f"run={checkpoint}",
+         f"export={exported}", "--backbone", "alexnet", "--image-size", "64", "--data", str(held_out),
+         "--fit-data", str(folder), "--resolution", "64", "--tile", "32"],
+        capture_output=True, text=True, check=True)
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"(mean", "run", "export"}, result.stdout
+    run, export = rows["run"], rows["export"]
+    assert run[:2] == export[:2] and all(-1 <= float(value) <= 1 for value in run)
+    assert export[2:] == ["n/a", "n/a"]
 
 
 def read_metrics(log_dir: Path) -> list[dict[str, str]]:
