@@ -131,8 +131,9 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
-    """Images/s of encode and decode for both implementations, alternated; plus the fp32 equality check."""
+def benchmark_size(ours, theirs, args, size: int, tiled: bool, profiles: list[str]) -> list[dict]:
+    """Images/s of encode and decode for both implementations, alternated; plus the fp32 equality check. With
+    --profile, each call's operator table is appended to `profiles`."""
     run = runners(ours, theirs, args, tiled)
     batch = args.batch_size if size <= 512 else 1
     normalization = LatentNormalization.of(ours)
@@ -157,6 +158,9 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
                     times[impl, op].append(time.perf_counter() - start)
     if args.memory and args.device.startswith("cuda"):
         peaks = {key: cuda_peak_mib(run[key], inputs[key[1]]) for key in run}
+    if args.profile:
+        profiles += [operator_table(fn, inputs[op], args.device, f"{impl} {op} {size}² ×{batch} {args.dtype}")
+                     for (impl, op), fn in run.items()]
     flops = nominal_flops(ours, size)
     rows = []
     for impl, op in run:
@@ -170,6 +174,18 @@ def benchmark_size(ours, theirs, args, size: int, tiled: bool) -> list[dict]:
         if (impl, op) in peaks:
             rows[-1]["peak_mib"] = peaks[impl, op]
     return rows
+
+
+def operator_table(fn, x: torch.Tensor, device: str, title: str) -> str:
+    """One call under torch.profiler: its operators by self time on the device, the most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as profiler:
+        fn(x)
+        synchronize(device)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return f"== {title}\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=15)
 
 
 def cuda_peak_mib(fn, x: torch.Tensor) -> float:
@@ -328,6 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.compile the codec's network calls, and diffusers' encoder and decoder")
     parser.add_argument("--memory", action="store_true",
                         help="also measure each row's peak memory (one extra call each; on CPU in a fresh subprocess)")
+    parser.add_argument("--profile", help="also write each call's operators by self time (torch.profiler) here")
     parser.add_argument("--seams", action="store_true",
                         help="measure tiled-vs-untiled error on a 512^2 photo")
     parser.add_argument("--seam-tile-size", type=int, default=256, help="tile size for --seams")
@@ -352,6 +369,7 @@ def main(argv=None):
         print(json.dumps(child_peak_memory(args)))
         return
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "timings": []}
+    profiles: list[str] = []
     if args.sizes:
         ours, theirs = build_models(args.arch, resolve_dtype(args.dtype), args.device, args.diffusers_channels_last,
                                     args.compile)
@@ -360,13 +378,16 @@ def main(argv=None):
             for tiled in modes:
                 if tiled and size <= args.tile_size:
                     continue  # one tile: identical to untiled
-                rows = benchmark_size(ours, theirs, args, size, tiled)
+                rows = benchmark_size(ours, theirs, args, size, tiled, profiles)
                 if args.memory and not args.device.startswith("cuda"):
                     for row in rows:
                         row["peak_mib"] = peak_memory(args, row["impl"], row["op"], size, tiled)["peak_mib"]
                 results["timings"] += rows
                 print_table(rows)
                 sys.stdout.flush()
+    if args.profile:
+        with open(args.profile, "w") as file:
+            file.write("\n\n".join(profiles) + "\n")
     if args.seams:
         results["seams"] = seam_errors(args)
     if args.memory_2048:

@@ -24,11 +24,11 @@ if [[ "${VAEGAN_GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   # in training: this CPU emulates bf16 arithmetic slowly, and the smoke run checks the script, not the speed.
   device=cpu arch=tiny sizes="32" compiled_sizes="" repeats=1 train_arch=tiny train_size=32 train_batch=2
   train_steps=2 train_warmup=1 train_precision=32 encode_images=8 encode_size=64 encode_batch=4 encode_repeats=1
-  fallback_size=64 workers=0
+  fallback_size=64 workers=0 profile_size=32
 else
   device=cuda arch=sd sizes="256 512 1024" compiled_sizes="512 1024" repeats=5 train_arch=sd train_size=256
   train_batch=8 train_steps=20 train_warmup=5 train_precision=bf16-mixed encode_images=1000 encode_size=256
-  encode_batch=32 encode_repeats=3 fallback_size=512 workers=8
+  encode_batch=32 encode_repeats=3 fallback_size=512 workers=8 profile_size=512
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')" ||
     exit 1
 fi
@@ -81,6 +81,8 @@ train=(python scripts/benchmark_train.py --device "$device" --arch "$train_arch"
   --batch-size "$train_batch" --steps "$train_steps" --warmup "$train_warmup" --precision "$train_precision")
 
 step codec-bf16 "${codec[@]}" --dtype bf16 --sizes $sizes --memory --json "$out/codec-bf16.json"
+# Where a call's time goes, operator by operator (one call each, untimed).
+step profile "${codec[@]}" --dtype bf16 --sizes $profile_size --repeats 1 --profile "$out/profile-bf16.txt"
 step train "${train[@]}" --json "$out/train.json"
 step codec-fp16 "${codec[@]}" --dtype fp16 --sizes $sizes --json "$out/codec-fp16.json"
 step fp16-fallback python scripts/fp16_fallback.py --arch "$arch" --device "$device" --size "$fallback_size" \

@@ -24,7 +24,10 @@ def test_gpu_check_runs_every_step_and_summarises(assets, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"]["device"] == "cpu"
-    assert [step["status"] for step in summary["steps"]] == ["0"] * 6, summary["steps"]
+    assert [step["status"] for step in summary["steps"]] == ["0"] * 7, summary["steps"]
+    profile = (out / "profile-bf16.txt").read_text()
+    assert all(f"== {impl} {op} 32²" in profile for impl in ("vaegan", "diffusers") for op in ("encode", "decode"))
+    assert "aten::" in profile
     assert {(row["dtype"], row["op"]) for row in summary["codec"]} == {
         (dtype, op) for dtype in ("bf16", "fp16") for op in ("encode", "decode")}
     assert all(row["speedup"] > 0 and row["vaegan_images_per_s"] > 0 for row in summary["codec"])
