@@ -138,7 +138,8 @@ class VAEGAN(L.LightningModule):
         max_batches: training length in batches; the run stops there (set the Trainer's `max_steps` to -1).
         max_bad_steps: updates in a row of one network with a loss or gradients that are not finite (each one
             skipped) after which the run stops; a few in a row happen when fp16's loss scale is calibrated.
-        channels_last: run the networks in channels_last memory format (faster convolutions on GPUs).
+        channels_last: run the networks in channels_last memory format. Off by default: it did not help training
+            on CPUs, and on an H200 in bf16-mixed it made the SD VAE's training 16 % slower (docs/gpu).
         compile: `torch.compile` the encoder, the decoder and the discriminator.
         grid_images: validation images shown in the reconstruction grid.
     """
