@@ -21,14 +21,15 @@ if [[ -z "${VAEGAN_WEIGHTS_DIR:-}" && -d ../shared/assets/lpips ]]; then
 fi
 if [[ "${VAEGAN_GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   # No torch.compile here: inductor on a CPU takes minutes, and CUDA graphs are what it is for. Nor bf16 autocast
-  # in training: this CPU emulates bf16 arithmetic slowly, and the smoke run checks the script, not the speed.
-  device=cpu arch=tiny sizes="32" compiled_sizes="" repeats=1 train_arch=tiny train_size=32 train_batch=2
+  # in training: this CPU emulates bf16 arithmetic slowly, and the smoke run checks the script, not the speed. Nor
+  # peak memory, which on a CPU takes a fresh process per row and measures something else than on CUDA.
+  memory="" device=cpu arch=tiny sizes="32" compiled_sizes="" repeats=1 train_arch=tiny train_size=32 train_batch=2
   train_steps=2 train_warmup=1 train_precision=32 encode_images=8 encode_size=64 encode_batch=4 encode_repeats=1
   fallback_size=64 workers=0 profile_size=32
 else
-  device=cuda arch=sd sizes="256 512 1024" compiled_sizes="512 1024" repeats=5 train_arch=sd train_size=256
-  train_batch=8 train_steps=20 train_warmup=5 train_precision=bf16-mixed encode_images=1000 encode_size=256
-  encode_batch=32 encode_repeats=3 fallback_size=512 workers=8 profile_size=512
+  memory=--memory device=cuda arch=sd sizes="256 512 1024" compiled_sizes="512 1024" repeats=5 train_arch=sd
+  train_size=256 train_batch=8 train_steps=20 train_warmup=5 train_precision=bf16-mixed encode_images=1000
+  encode_size=256 encode_batch=32 encode_repeats=3 fallback_size=512 workers=8 profile_size=512
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')" ||
     exit 1
 fi
@@ -80,7 +81,7 @@ codec=(python scripts/benchmark_codec.py --arch "$arch" --device "$device" --til
 train=(python scripts/benchmark_train.py --device "$device" --arch "$train_arch" --resolution "$train_size"
   --batch-size "$train_batch" --steps "$train_steps" --warmup "$train_warmup" --precision "$train_precision")
 
-step codec-bf16 "${codec[@]}" --dtype bf16 --sizes $sizes --memory --json "$out/codec-bf16.json"
+step codec-bf16 "${codec[@]}" --dtype bf16 --sizes $sizes $memory --json "$out/codec-bf16.json"
 # Where a call's time goes, operator by operator (one call each, untimed).
 step profile "${codec[@]}" --dtype bf16 --sizes $profile_size --repeats 1 --profile "$out/profile-bf16.txt"
 step train "${train[@]}" --json "$out/train.json"
@@ -93,7 +94,8 @@ step encode python scripts/benchmark_encode.py --arch "$arch" --device "$device"
 # Compiling costs minutes of the budget, so the compiled rows come last, one size per step; on the H200 the
 # compiled training took 217 s and each compiled codec size about 100 s.
 compiled_codec() {
-  step "codec-bf16-compile-$1" "${codec[@]}" --dtype bf16 --sizes "$1" --compile --json "$out/codec-bf16-compile-$1.json"
+  step "codec-bf16-compile-$1" "${codec[@]}" --dtype bf16 --sizes "$1" --compile \
+    --json "$out/codec-bf16-compile-$1.json"
 }
 read -ra compiled <<<"$compiled_sizes"
 if ((${#compiled[@]})); then
