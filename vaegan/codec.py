@@ -166,8 +166,8 @@ class Codec:
             compile: `torch.compile` the untiled and blended encoder and decoder passes (one shape per tile
                 size); exact tiling runs eagerly.
             channels_last: run convolutions on NHWC tensors; None: on a CPU only. With oneDNN on CPUs NHWC is
-                faster; on an H200 (bf16, cuDNN 9.19) the SD VAE ran 23-33 % slower in it than in NCHW at 512² and 1024²
-                (`scripts/benchmark_codec.py` measures both: docs/gpu/2026-11-29-h200).
+                faster; on an H200 (bf16, cuDNN 9.19) the SD VAE ran 23-33 % slower in it than in NCHW at 512²
+                and 1024² (`scripts/benchmark_codec.py` measures both: docs/gpu/2026-11-29-h200).
         """
         config = vae.config
         self.factor = config.downsampling_factor
