@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmark_codec import synchronize
 
 import vaegan
 from vaegan.dtypes import resolve_dtype
@@ -39,11 +40,6 @@ from vaegan.launcher import default_num_workers
 from vaegan.readers import list_image_files
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "bsds500" / "train"
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def plain_loop(model_dir: Path, files: list[Path], args, out: Path) -> dict:

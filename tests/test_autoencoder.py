@@ -34,13 +34,16 @@ def test_shapes(name):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_folded_upsample_equals_interpolate_then_conv_with_the_same_gradients(channels_last):
-    # Upsample2D never builds the doubled image; it must give what diffusers computes, forward and backward.
+def test_upsample_as_a_transposed_conv_equals_interpolate_then_conv_with_the_same_gradients(channels_last):
+    # Upsample2D never builds the doubled image; it must give what diffusers computes, forward and backward,
+    # with the weights in either memory format (the codec turns them channels_last on a CPU).
     torch.manual_seed(0)
     upsample = Upsample2D(6)
     x = torch.randn(2, 6, 5, 7)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+        upsample.to(memory_format=torch.channels_last)
+        assert upsample.transposed_kernel().is_contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     ours = upsample(x)
     theirs = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -173,7 +173,7 @@ def test_exact_tiling_is_the_untiled_codec_on_a_real_photo():
 
 @pytest.mark.slow
 def test_compiled_codec_matches_eager(vae):
-    # torch.compile (inductor, CPU here) of the encoder and decoder calls, including the folded upsampling.
+    # torch.compile (inductor, CPU here) of the encoder and decoder calls, including the upsampling's transposed conv.
     x = photo(64)
     eager, compiled = Codec(copy.deepcopy(vae)), Codec(copy.deepcopy(vae), compile=True)
     latents = eager.encode(x)

@@ -242,41 +242,37 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     """Double the resolution: nearest-neighbour interpolation, then a 3x3 conv.
 
-    Computed without building the interpolated image. After nearest-neighbour doubling, output row 2i reads
-    input rows (i-1, i, i) through kernel rows (0, 1, 2) and row 2i+1 reads (i, i+1, i+1), so each of the four
-    output phases is a 2x2 conv on the input with kernel rows and columns summed pairwise (`UPSAMPLE_FOLD`).
-    That is 4 multiply-adds per output pixel and tap instead of 9, the same result up to rounding, and the
-    stored weight stays the 3x3 kernel that diffusers and the original checkpoints hold.
+    Computed without building the interpolated image, as one stride-2 transposed conv with a 4x4 kernel. After
+    nearest-neighbour doubling, output row 2i reads input rows (i-1, i, i) through kernel rows (0, 1, 2), and
+    row 2i+1 reads (i, i, i+1). A transposed conv with stride 2 and padding 1 reaches output row 2i from input
+    rows i-1 and i through its taps 3 and 1, and row 2i+1 from rows i and i+1 through taps 2 and 0; so each tap
+    is a sum of the 3x3 kernel's rows (`UPSAMPLE_FOLD`), and likewise for columns. That is 4 multiply-adds per
+    output pixel and tap instead of 9, the same result up to rounding, in one call, and the stored weight stays
+    the 3x3 kernel that diffusers and the original checkpoints hold.
     """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, phase_kernel: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, h, w) -> (B, C, 2h, 2w). `phase_kernel`: `self.phase_kernel()`, from callers that upsample
+    def forward(self, x: torch.Tensor, kernel: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w) -> (B, C, 2h, 2w). `kernel`: `self.transposed_kernel()`, from callers that upsample
         many tiles with unchanging weights (folding it for every tile took 2 % of an exact tiled decode)."""
-        batch, channels, height, width = x.shape
-        kernel = self.phase_kernel() if phase_kernel is None else phase_kernel
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, self.conv.bias.repeat(4))
-        phases = phases.unflatten(1, (2, 2, channels))  # (batch, row phase, column phase, channels, h+1, w+1)
-        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        out = torch.empty(
-            batch, channels, 2 * height, 2 * width, dtype=phases.dtype, device=x.device, memory_format=memory_format
-        )
-        for a in range(2):
-            for c in range(2):
-                out[:, :, a::2, c::2] = phases[:, a, c, :, a : a + height, c : c + width]
-        return out
+        kernel = self.transposed_kernel() if kernel is None else kernel
+        return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
-    def phase_kernel(self) -> torch.Tensor:
-        """The four output phases' 2x2 kernels, stacked along the output channels: (4C, C, 2, 2)."""
-        fold = self.conv.weight.new_tensor(UPSAMPLE_FOLD)
-        return torch.einsum("aky,oiyx,clx->acoikl", fold, self.conv.weight, fold).flatten(0, 2)
+    def transposed_kernel(self) -> torch.Tensor:
+        """The 3x3 conv folded into the 4x4 kernel of a stride-2 transposed conv: (C_in, C_out, 4, 4), in the
+        weight's memory format (oneDNN reorders a kernel whose format differs from the input's on every call)."""
+        weight = self.conv.weight
+        fold = weight.new_tensor(UPSAMPLE_FOLD)
+        kernel = torch.einsum("ky,oiyx,lx->iokl", fold, weight, fold)
+        return kernel.contiguous(memory_format=torch.channels_last) if is_channels_last(weight) else kernel
 
 
-# For output row phase a (0 or 1): which of the 3x3 kernel's rows fall on input rows i-1+a and i+a.
-UPSAMPLE_FOLD = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
+# Which of the 3x3 kernel's rows (columns) sum into each of the transposed conv's 4 taps: tap k of a stride-2,
+# padding-1 transposed conv reaches output row 2i - 1 + k from input row i.
+UPSAMPLE_FOLD = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -149,8 +149,8 @@ class Upsample(Step):
 
     def __init__(self, upsample: Upsample2D):
         self.upsample = upsample
-        self.kernel = upsample.phase_kernel().detach()  # weights are frozen while a graph runs
-        self.macs = 4 * upsample.conv.weight[:, :, 0, 0].numel()  # a 2x2 conv per output pixel (its phase)
+        self.kernel = upsample.transposed_kernel().detach()  # weights are frozen while a graph runs
+        self.macs = 4 * upsample.conv.weight[:, :, 0, 0].numel()  # 2x2 of the 4x4 taps reach each output pixel
 
     def needs(self, box):
         # Output row r reads doubled rows r-1..r+1, which are input rows (r-1)//2 .. (r+1)//2.
@@ -159,8 +159,8 @@ class Upsample(Step):
                     max((box.left - 1) // 2, 0), min(box.right // 2 + 1, width), height, width)]
 
     def __call__(self, inputs, boxes, affine):
-        # Upsample2D pads its input by one on every side: right at the image border, wrong for the outermost
-        # output row or column on a side inside the image, which is dropped.
+        # Upsample2D reads zeros beyond its input on every side: right at the image border, wrong for the
+        # outermost output row or column on a side inside the image, which is dropped.
         doubled = boxes[0].scaled(2)
         valid = doubled.shrink_inside(1)
         return valid.of(self.upsample(inputs[0], self.kernel), doubled), valid
