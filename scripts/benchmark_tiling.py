@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_codec import diffusers_tiling, diffusers_twin, resident_memory
+from benchmark_codec import diffusers_tiling, diffusers_twin, operator_table, resident_memory
 
 from vaegan import AutoencoderKL, Codec, load, preset
 from vaegan.dtypes import resolve_dtype
@@ -102,6 +102,8 @@ def child(args):
         start, start_cpu = time.perf_counter(), time.process_time()
         image = decode(z).float().clamp(-1, 1)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        if args.profile_output:  # one more decode, so that the profiler's overhead stays out of the timing
+            Path(args.profile_output).write_text(operator_table(decode, z, "cpu", args.child) + "\n")
     peak = resident_memory("VmHWM") - baseline
     torch.save(image, args.output)
     result = dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_mib=peak / 2**20)
@@ -111,12 +113,12 @@ def child(args):
     print(json.dumps(result))
 
 
-def measure(args, row: str, latents: Path, output: Path) -> dict:
+def measure(args, row: str, latents: Path, output: Path, profile: Path | None = None) -> dict:
     command = [
         sys.executable, __file__, "--child", row, "--latents", str(latents), "--output", str(output),
         "--arch", args.arch, "--size", str(args.size), "--tile", str(args.tile), "--overlap", str(args.overlap),
         "--threads", str(args.threads), "--warmup", str(args.warmup),
-    ] + (["--model", args.model] if args.model else [])
+    ] + (["--model", args.model] if args.model else []) + (["--profile-output", str(profile)] if profile else [])
     # On a shared machine, OpenMP threads that spin while they wait for a busy core make every small op cost
     # many times its work; waiting passively keeps the rows comparable (all run alike).
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -150,9 +152,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=0, help="untimed decodes in each process before the timed one")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--profile",
+                        help="also run one more decode per row under torch.profiler (in the first round's process, "
+                             "after the timed one) and write each row's operators by CPU time to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)    # internal: impl[:budget GiB[/stash dtype]]
     parser.add_argument("--latents", help=argparse.SUPPRESS)  # internal: latents file for the child
     parser.add_argument("--output", help=argparse.SUPPRESS)   # internal: where the child saves its image
+    parser.add_argument("--profile-output", help=argparse.SUPPRESS)  # internal: where the child writes its profile
     args = parser.parse_args(argv)
     args.overlap = args.tile // 4 if args.overlap is None else args.overlap
     return args
@@ -179,10 +185,14 @@ def main(argv=None):
         for repeat in range(args.repeats):
             # Alternate the order of the rows from round to round.
             for row in rows if repeat % 2 == 0 else rows[::-1]:
-                results[row].append(measure(args, row, folder / "latents.pt", image_file(row)))
+                profile = folder / f"{row.replace('/', '-')}.profile.txt" if args.profile and repeat == 0 else None
+                results[row].append(measure(args, row, folder / "latents.pt", image_file(row), profile))
                 last = results[row][-1]
                 print(f"round {repeat}: {row:14s} {last['seconds']:8.2f} s {last['cpu_seconds']:8.2f} s CPU "
                       f"{last['peak_mib']:8.0f} MiB", flush=True)
+        if args.profile:
+            Path(args.profile).write_text("".join((folder / f"{row.replace('/', '-')}.profile.txt").read_text()
+                                            for row in rows))
         reference = torch.load(folder / "untiled.pt")
         table = []
         def median(row, key):
