@@ -102,9 +102,10 @@ def child(args):
         start, start_cpu = time.perf_counter(), time.process_time()
         image = decode(z).float().clamp(-1, 1)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-        if args.profile_output:  # one more decode, so that the profiler's overhead stays out of the timing
-            Path(args.profile_output).write_text(operator_table(decode, z, "cpu", args.child) + "\n")
     peak = resident_memory("VmHWM") - baseline
+    if args.profile_output:  # one more decode, after the measurements, so that the profiler stays out of them
+        with torch.inference_mode():
+            Path(args.profile_output).write_text(operator_table(decode, z, "cpu", args.child) + "\n")
     torch.save(image, args.output)
     result = dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_mib=peak / 2**20)
     if runs:  # what the plan promised: multiply-adds against the untiled network's, and the stashes' peak
@@ -179,20 +180,19 @@ def main(argv=None):
         torch.save(z, folder / "latents.pt")
         del vae
         results = {row: [] for row in rows}
-        def image_file(row):
-            return folder / f"{row.replace('/', '-')}.pt"
+        def row_file(row, suffix=".pt"):
+            return folder / f"{row.replace('/', '-')}{suffix}"
 
         for repeat in range(args.repeats):
             # Alternate the order of the rows from round to round.
             for row in rows if repeat % 2 == 0 else rows[::-1]:
-                profile = folder / f"{row.replace('/', '-')}.profile.txt" if args.profile and repeat == 0 else None
-                results[row].append(measure(args, row, folder / "latents.pt", image_file(row), profile))
+                profile = row_file(row, ".profile.txt") if args.profile and repeat == 0 else None
+                results[row].append(measure(args, row, folder / "latents.pt", row_file(row), profile))
                 last = results[row][-1]
                 print(f"round {repeat}: {row:14s} {last['seconds']:8.2f} s {last['cpu_seconds']:8.2f} s CPU "
                       f"{last['peak_mib']:8.0f} MiB", flush=True)
         if args.profile:
-            Path(args.profile).write_text("".join((folder / f"{row.replace('/', '-')}.profile.txt").read_text()
-                                            for row in rows))
+            Path(args.profile).write_text("".join(row_file(row, ".profile.txt").read_text() for row in rows))
         reference = torch.load(folder / "untiled.pt")
         table = []
         def median(row, key):
@@ -205,7 +205,7 @@ def main(argv=None):
                 cpu_seconds=median(row, "cpu_seconds"),
                 cpu_vs_untiled=median(row, "cpu_seconds") / median("untiled", "cpu_seconds"),
                 peak_mib=median(row, "peak_mib"),
-                psnr_db=psnr(torch.load(image_file(row)), reference),
+                psnr_db=psnr(torch.load(row_file(row)), reference),
                 rounds=results[row],
             ))
     name = args.model or f"random {args.arch}"
