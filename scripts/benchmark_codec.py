@@ -24,9 +24,9 @@ import time
 import torch
 
 from vaegan import PRESETS, AutoencoderKL, Codec, load, preset
-from vaegan.dtypes import resolve_dtype
-from vaegan.formats import diffusers_class, diffusers_config
-from vaegan.normalization import LatentNormalization
+from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.formats.load import diffusers_class, diffusers_config
+from vaegan.utils.dtypes import resolve_dtype
 
 
 def build_models(arch: str, dtype: torch.dtype, device: str, diffusers_channels_last: bool = False,

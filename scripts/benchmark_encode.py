@@ -32,12 +32,13 @@ import torch
 from benchmark_codec import synchronize
 
 import vaegan
-from vaegan.dtypes import resolve_dtype
-from vaegan.encoding import encode_dataset
-from vaegan.images import load_image, resize_center_crop, to_tensor
-from vaegan.latents import LatentDataset
-from vaegan.launcher import default_num_workers
-from vaegan.readers import list_image_files
+from vaegan.images.crops import resize_center_crop
+from vaegan.images.readers import list_image_files
+from vaegan.images.reading import load_image, to_tensor
+from vaegan.latents.dataset import LatentDataset
+from vaegan.latents.encode import encode_dataset
+from vaegan.latents.launcher import default_num_workers
+from vaegan.utils.dtypes import resolve_dtype
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "bsds500" / "train"
 

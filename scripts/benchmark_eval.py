@@ -3,9 +3,9 @@
 For N Kodak crops and a distorted copy of each (Gaussian noise, then a slight blur: a stand-in for a
 reconstruction), every metric is computed by vaegan and by its reference:
 
-    PSNR     vaegan.metrics.psnr       vs skimage.metrics.peak_signal_noise_ratio (one image at a time)
-    SSIM     vaegan.metrics.ssim       vs skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5)
-    MS-SSIM  vaegan.metrics.ms_ssim    vs pytorch_msssim.ms_ssim (skipped when not installed)
+    PSNR     vaegan's psnr             vs skimage.metrics.peak_signal_noise_ratio (one image at a time)
+    SSIM     vaegan's ssim             vs skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5)
+    MS-SSIM  vaegan's ms_ssim          vs pytorch_msssim.ms_ssim (skipped when not installed)
     LPIPS    vaegan's PerceptualLoss   vs the lpips package's own LPIPS forward (same alex backbone file)
 
 It prints throughput (images/s, median of repeats, the two sides alternated) and the largest per-image
@@ -28,10 +28,12 @@ import torch
 import torchvision.transforms.functional as TF
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from vaegan.images import load_image, resize_center_crop, to_tensor
-from vaegan.metrics import ms_ssim, psnr, ssim, to_uint8
-from vaegan.perceptual import PerceptualLoss, backbone_file_name, load_backbone
-from vaegan.readers import list_image_files
+from vaegan.images.convert import to_uint8
+from vaegan.images.crops import resize_center_crop
+from vaegan.images.readers import list_image_files
+from vaegan.images.reading import load_image, to_tensor
+from vaegan.metrics.reconstruction import ms_ssim, psnr, ssim
+from vaegan.pretrained.lpips import PerceptualLoss, backbone_file_name, load_backbone
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "assets" / "kodak"
 

@@ -4,7 +4,7 @@ Both sides train the same DiT (same initial weights) by flow matching on the sam
 batch of step k is drawn with generators seeded by (seed, k, purpose)), with AdamW, the same warm-up, gradient
 clipping at 1 and the weight EMA:
 
-- **probe**: `vaegan.probe_training.fit`, i.e. `ProbeModule` under a real `lightning.Trainer`, exactly as
+- **probe**: `vaegan.probe.module.fit`, i.e. `ProbeModule` under a real `lightning.Trainer`, exactly as
   `vaegan probe` trains (validation and checkpoints pushed past the end, so only training is timed);
 - **plain**: the same steps written out as a for-loop (forward, loss, backward, clip, step, schedule, EMA).
 
@@ -28,8 +28,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from vaegan.flow import flow_matching_loss, interpolate
-from vaegan.probe_training import ProbeLatents, ProbeModule, StepBatches, fit
+from vaegan.probe.flow import flow_matching_loss, interpolate
+from vaegan.probe.module import ProbeLatents, ProbeModule, StepBatches, fit
 
 
 def arguments() -> argparse.Namespace:

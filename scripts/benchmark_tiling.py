@@ -1,4 +1,5 @@
-"""Exact tiled decode (vaegan.tiling) beside the untiled decode, today's independent tiles and diffusers' tiling.
+"""Exact tiled decode (vaegan.autoencoder.exact_tiling) beside the untiled decode, today's independent tiles
+and diffusers' tiling.
 
 Each measurement runs in a fresh process that loads the model, decodes once untimed when --warmup asks, then
 times one decode: wall time, peak memory above the loaded model (the high-water mark reset after loading,
@@ -29,8 +30,8 @@ import torch
 from benchmark_codec import diffusers_tiling, diffusers_twin, operator_table, resident_memory
 
 from vaegan import AutoencoderKL, Codec, load, preset
-from vaegan.dtypes import resolve_dtype
-from vaegan.tiling import ExactTiling, decoder_graph
+from vaegan.autoencoder.exact_tiling import ExactTiling, decoder_graph
+from vaegan.utils.dtypes import resolve_dtype
 
 IMPLEMENTATIONS = ("untiled", "exact", "independent", "diffusers")
 

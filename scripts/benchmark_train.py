@@ -13,7 +13,7 @@ generator and one discriminator step per batch (`disc_start=0`, so the discrimin
 Each row runs in a fresh subprocess of this script, so that its peak memory is its own (on CPU the peak RSS
 of a process never goes down, and memory freed by an earlier run stays mapped).
 
-Both use `vaegan.perceptual.PerceptualLoss` as the LPIPS network (the same computation as `lpips.LPIPS`, built
+Both use `vaegan.pretrained.lpips.PerceptualLoss` as the LPIPS network (the same computation as `lpips.LPIPS`, built
 offline), so the perceptual cost is identical. Training batches are random crops of *synthetic* random images
 (enough for timing); quality is checked as PSNR after the same number of steps on a fixed held-out batch of
 real photos (scikit-image's astronaut and coffee), so that speed is not bought with quality.
@@ -41,13 +41,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from vaegan.autoencoder import PRESETS
-from vaegan.discriminator import PatchDiscriminator
-from vaegan.formats import diffusers_config
-from vaegan.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
-from vaegan.metrics import psnr, to_uint8
-from vaegan.module import VAEGAN
-from vaegan.perceptual import PerceptualLoss
+from vaegan.autoencoder.network import PRESETS
+from vaegan.formats.load import diffusers_config
+from vaegan.images.convert import to_uint8
+from vaegan.metrics.reconstruction import psnr
+from vaegan.pretrained.lpips import PerceptualLoss
+from vaegan.train.discriminator import PatchDiscriminator
+from vaegan.train.losses import adaptive_gan_weight, hinge_d_loss, hinge_g_loss
+from vaegan.train.module import VAEGAN
 
 LEARNING_RATE = 1e-4  # the ldm base lr 4.5e-6 scaled by a typical batch; the same on both sides
 KL_WEIGHT_LDM = 1e-6  # ldm's weight, on its per-image sums
@@ -424,7 +425,7 @@ def main() -> None:
         "training batches: random crops of synthetic random images (timing only)",
         f"PSNR: posterior mean on astronaut + coffee centre crops after {args.warmup + args.steps} "
         f"batches; {start_psnr:.2f} dB at the common initial weights",
-        f"LPIPS-{args.perceptual_net}: vaegan.perceptual.PerceptualLoss on both sides "
+        f"LPIPS-{args.perceptual_net}: vaegan.pretrained.lpips.PerceptualLoss on both sides "
         "(identical perceptual cost)",
         "vaegan runs its defaults: GroupNorm D, learnable logvar, grad clipping, EMA "
         "(PSNR of the raw weights)",

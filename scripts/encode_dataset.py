@@ -5,7 +5,7 @@
         --image-column jpg --id-column __key__ --output /data/latents --buckets 1024 --device cuda --dtype bf16
     torchrun --nproc-per-node 8 scripts/encode_dataset.py ... --device cuda     # one rank per GPU
 
-Rerun the same command to resume; see vaegan/encoding.py for how the work is shared and committed.
+Rerun the same command to resume; see vaegan/latents/encode.py for how the work is shared and committed.
 """
 
 import sys

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from vaegan import AutoencoderKL, Codec, preset
-from vaegan.normalization import LatentNormalization
+from vaegan.autoencoder.normalization import LatentNormalization
 
 
 def timed(codec: Codec, latents: torch.Tensor, repeats: int) -> tuple[torch.Tensor, float]:

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 import vaegan
-from vaegan.diagnostics import alignment_cosine, linear_probe
-from vaegan.readers import EvalCrop, open_reader
-from vaegan.vision import VisionFeatures
+from vaegan.images.readers import EvalCrop, open_reader
+from vaegan.metrics.diagnostics import alignment_cosine, linear_probe
+from vaegan.pretrained.vision import VisionFeatures
 
 
 def tiles(data: str, resolution: int, tile: int, max_images: int) -> torch.Tensor:
@@ -68,7 +68,8 @@ def head_of(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="LABEL=PATH of VAEs or training checkpoints")
-    parser.add_argument("--backbone", default="alexnet", help="the vision model (vaegan.vision.VisionBackbone)")
+    parser.add_argument("--backbone", default="alexnet", 
+                        help="the vision model (vaegan.pretrained.vision.VisionBackbone)")
     parser.add_argument("--image-size", type=int, default=224, help="side the tiles are resized to for it")
     parser.add_argument("--data", required=True, help="held-out images the cosine is measured on")
     parser.add_argument("--fit-data", required=True, help="images the linear probe is fitted on")

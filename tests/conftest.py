@@ -17,7 +17,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from vaegan.shards import decode_values, unnested
+from vaegan.latents.shards import decode_values, unnested
 
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 # The four files of `make_messy_folder` that no reader can use.

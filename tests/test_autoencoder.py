@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vaegan import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
-from vaegan.autoencoder import Upsample2D
+from vaegan.autoencoder.network import Upsample2D
 
 
 def test_sd_preset_has_the_released_parameter_count():

@@ -10,7 +10,7 @@ from skimage.data import astronaut
 from skimage.transform import resize
 
 from vaegan import AutoencoderKL, Codec, preset
-from vaegan.codec import TileGrid, tile_weight_map
+from vaegan.autoencoder.blend_tiling import TileGrid, tile_weight_map
 
 # SD-shaped (quant convs, mid attention, 2 resnets per decoder level) but small: f4, widths 32-64-64.
 SMALL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, layers_per_block=1)

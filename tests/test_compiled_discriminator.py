@@ -17,8 +17,8 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
 
-from vaegan.discriminator import PatchDiscriminator
-from vaegan.losses import adaptive_gan_weight, discriminator_loss, generator_adversarial_loss
+from vaegan.train.discriminator import PatchDiscriminator
+from vaegan.train.losses import adaptive_gan_weight, discriminator_loss, generator_adversarial_loss
 
 ROUNDS = 3
 

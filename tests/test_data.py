@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from vaegan.data import ImageDataModule
-from vaegan.images import ImageError, load_image, random_crop, resize_center_crop, to_tensor
-from vaegan.readers import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS
+from vaegan.images.crops import random_crop, resize_center_crop
+from vaegan.images.readers import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS
+from vaegan.images.reading import ImageError, load_image, to_tensor
+from vaegan.train.data import ImageDataModule
 
 from conftest import BAD_FILES, rotated_jpeg, sixteen_bit_ramp, write_png16_rgb
 

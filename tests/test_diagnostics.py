@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vaegan.diagnostics import (
+from vaegan.images.convert import to_uint8
+from vaegan.metrics.diagnostics import (
     ChannelMoments,
     Spectra,
     alignment_cosine,
@@ -21,7 +22,7 @@ from vaegan.diagnostics import (
     radial_frequencies,
     radial_profile,
 )
-from vaegan.metrics import psnr, to_uint8
+from vaegan.metrics.reconstruction import psnr
 
 
 def cosine_pattern(n: int, k: int, channels: int = 2) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vaegan.discriminator import PatchDiscriminator
+from vaegan.train.discriminator import PatchDiscriminator
 
 
 @pytest.mark.parametrize(("size", "logits"), [(64, 6), (256, 30)])

@@ -15,8 +15,8 @@ SCRIPT = """
 import hashlib, json, os, sys
 import lightning as L
 import torch
-from vaegan.data import ImageDataModule
-from vaegan.module import VAEGAN
+from vaegan.train.data import ImageDataModule
+from vaegan.train.module import VAEGAN
 
 folder, out, strategy = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # different initial weights per rank on purpose

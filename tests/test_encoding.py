@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 import vaegan
-from vaegan.buckets import ResolutionPolicy, make_buckets, nearest_bucket, resize_cover_crop
 from vaegan.cli import main
-from vaegan.encoding import encode_dataset
-from vaegan.images import load_image, resize_center_crop
+from vaegan.images.buckets import ResolutionPolicy, make_buckets, nearest_bucket, resize_cover_crop
+from vaegan.images.crops import resize_center_crop
+from vaegan.images.reading import load_image
+from vaegan.latents.encode import encode_dataset
 
 from conftest import BAD_FILES, read_rows, skimage_photos
 

@@ -16,17 +16,11 @@ from torch import nn
 
 import vaegan
 from vaegan.cli import main
-from vaegan.evaluation import ModelSpec, evaluate, fixed_sheet_indices, load_metric_networks
-from vaegan.inception import INCEPTION_FILE, InceptionFeatures, MissingInceptionWeights, build_inception
-from vaegan.inception import resolve_variant as resolve_inception_variant
-from vaegan.metrics import (
-    FeatureMoments,
-    frechet_distance,
-    latent_bits_per_pixel,
-    ms_ssim,
-    psnr,
-    ssim,
-)
+from vaegan.evaluate.run import ModelSpec, evaluate, fixed_sheet_indices, load_metric_networks
+from vaegan.metrics.distribution import FeatureMoments, frechet_distance
+from vaegan.metrics.reconstruction import latent_bits_per_pixel, ms_ssim, psnr, ssim
+from vaegan.pretrained.inception import INCEPTION_FILE, InceptionFeatures, MissingInceptionWeights, build_inception
+from vaegan.pretrained.inception import resolve_variant as resolve_inception_variant
 
 
 def _photo() -> torch.Tensor:
@@ -260,7 +254,7 @@ def test_small_images_and_no_inception_weights_give_null_with_reasons(
     first, _ = two_models
     result = evaluate(models=[str(first)], data=str(assets / "kodak"), resolution=64, max_images=2, num_workers=0,
                       diagnostics=False, progress=False)
-    from vaegan.report import write_report
+    from vaegan.evaluate.report import write_report
 
     write_report(result, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 
 import vaegan
-from vaegan.data import ImageDataModule
-from vaegan.encoding import encode_dataset
-from vaegan.export import export
-from vaegan.images import load_image, resize_center_crop, to_tensor
-from vaegan.latents import decode_latents
-from vaegan.module import VAEGAN
-from vaegan.normalization import LatentNormalization, patchify
+from vaegan.autoencoder.normalization import LatentNormalization, patchify
+from vaegan.images.crops import resize_center_crop
+from vaegan.images.reading import load_image, to_tensor
+from vaegan.latents.dataset import decode_latents
+from vaegan.latents.encode import encode_dataset
+from vaegan.train.data import ImageDataModule
+from vaegan.train.export import export
+from vaegan.train.module import VAEGAN
 
 from conftest import bsds_photos, read_rows
 

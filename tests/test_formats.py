@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import vaegan
 from vaegan import AutoencoderKL, FormatError, preset
-from vaegan.formats import diffusers_config, to_diffusers_name, to_original_name
+from vaegan.formats.load import diffusers_config, to_diffusers_name, to_original_name
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -364,7 +364,7 @@ def test_failed_save_leaves_the_previous_artifact(tmp_path, monkeypatch, format,
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(vaegan.formats, "save_file", fail)
+    monkeypatch.setattr(vaegan.formats.load, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         vaegan.save(perturbed(AutoencoderKL(good.config), seed=1), path, format=format)
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import vaegan
-from vaegan.evaluation import evaluate
-from vaegan.html_report import write_html_report
-from vaegan.probing import ProbeJob, probe
+from vaegan.evaluate.run import evaluate
+from vaegan.probe.run import ProbeJob, probe
+from vaegan.reporting.html import write_html_report
 
 from browser import HeadlessChromium, find_chromium
 from conftest import skimage_photos

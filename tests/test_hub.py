@@ -11,7 +11,7 @@ from huggingface_hub.errors import EntryNotFoundError
 import vaegan
 from vaegan import AutoencoderKL, FormatError, hub, preset
 from vaegan.cli import main
-from vaegan.evaluation import evaluate
+from vaegan.evaluate.run import evaluate
 
 REPO = "owner/tiny-vae"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

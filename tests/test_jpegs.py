@@ -13,11 +13,12 @@ import torchvision.io
 from PIL import Image
 
 import vaegan
-from vaegan.buckets import ResolutionPolicy
-from vaegan.encoding import encode_dataset
-from vaegan.images import CropPlan, load_image
-from vaegan.jpegs import JpegImage, decode_jpegs, jpeg_header
-from vaegan.sources import to_pixels
+from vaegan.images.buckets import ResolutionPolicy
+from vaegan.images.crops import CropPlan
+from vaegan.images.jpegs import JpegImage, decode_jpegs, jpeg_header
+from vaegan.images.reading import load_image
+from vaegan.latents.encode import encode_dataset
+from vaegan.latents.sources import to_pixels
 
 from conftest import read_rows
 

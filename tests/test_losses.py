@@ -15,31 +15,32 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vaegan.autoencoder import DiagonalGaussian
-from vaegan.losses import (
-    LatentTransform,
+from vaegan.autoencoder.network import DiagonalGaussian
+from vaegan.images.transforms import LatentTransform, resize
+from vaegan.pretrained.lpips import PerceptualLoss
+from vaegan.train.losses import (
     adaptive_gan_weight,
     adaptive_weight,
     discriminator_loss,
-    eq_vae_transform,
-    equivariance_loss,
     gan_weight_schedule,
     generator_adversarial_loss,
     hinge_d_loss,
     hinge_g_loss,
     kl_loss,
-    latent_noise_loss,
     nll_loss,
-    noisy_latents,
     non_saturating_g_loss,
     reconstruction_loss,
-    resize,
+    vanilla_d_loss,
+)
+from vaegan.train.regularizers import (
+    eq_vae_transform,
+    equivariance_loss,
+    latent_noise_loss,
+    noisy_latents,
     scale_equivariance_transform,
     term_schedule,
-    vanilla_d_loss,
     vf_loss,
 )
-from vaegan.perceptual import PerceptualLoss
 
 LN2 = math.log(2.0)
 

@@ -8,8 +8,9 @@ import torch
 from skimage import data
 from skimage.metrics import structural_similarity
 
-from vaegan.metrics import LatentStatistics, psnr, ssim, to_uint8
-from vaegan.normalization import LatentNormalization
+from vaegan.autoencoder.normalization import LatentNormalization, LatentStatistics
+from vaegan.images.convert import to_uint8
+from vaegan.metrics.reconstruction import psnr, ssim
 
 
 def _photo() -> torch.Tensor:

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 import vaegan
-from vaegan.metrics import LatentStatistics
-from vaegan.normalization import LatentNormalization, measured_layout, patchify, unpatchify
+from vaegan.autoencoder.normalization import (
+    LatentNormalization,
+    LatentStatistics,
+    measured_layout,
+    patchify,
+    unpatchify,
+)
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -197,7 +197,7 @@ def test_sdxl_pipeline_denormalises_per_channel_as_we_do(tmp_path):
     ))
     images = pipe(**options).images
 
-    normalization = vaegan.normalization.LatentNormalization.of(ours)
+    normalization = vaegan.autoencoder.normalization.LatentNormalization.of(ours)
     assert normalization.kind == "channel"
     torch.testing.assert_close(latents[0], normalization.denormalize(kept[-1]), rtol=1e-5, atol=1e-5)
     assert_decoded_by(ours, latents, images)

@@ -37,7 +37,7 @@ def test_latent_dataset_example_runs(tmp_path, monkeypatch):
     photo = astronaut()
     for i in range(6):
         Image.fromarray(np.ascontiguousarray(photo[i * 32:i * 32 + 96, i * 16:i * 16 + 128])).save(images / f"{i}.png")
-    from vaegan.encoding import encode_dataset
+    from vaegan.latents.encode import encode_dataset
 
     encode_dataset(tmp_path / "vae", images, tmp_path / "latents", crop=64, batch_size=4, progress=False)
     code = (example.replace('"/data/latents"', repr(str(tmp_path / "latents")))

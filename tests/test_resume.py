@@ -19,10 +19,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 import vaegan
-from vaegan.checkpoints import CheckpointError, check_complete, save_checkpoint
 from vaegan.cli import main
-from vaegan.data import EpochSampler, ImageDataModule, ResumableLoader
-from vaegan.module import VAEGAN, TrainingDiverged
+from vaegan.formats.checkpoints import CheckpointError, check_complete, save_checkpoint
+from vaegan.train.data import EpochSampler, ImageDataModule, ResumableLoader
+from vaegan.train.module import VAEGAN, TrainingDiverged
 
 from conftest import bsds_photos
 
@@ -174,7 +174,7 @@ def test_killed_mid_epoch_or_mid_checkpoint_write_then_resumed_equals_the_uninte
 KILLED_WRITER = """
 import os, resource, signal, sys
 import torch
-from vaegan.checkpoints import save_checkpoint
+from vaegan.formats.checkpoints import save_checkpoint
 
 path = sys.argv[1]
 save_checkpoint({"weights": torch.zeros(1 << 20), "batch": 6}, path)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vaegan import AutoencoderKL, preset
-from vaegan.tiling import Box, ExactTiling, Moments, decode_exact, decoder_graph, encode_exact, spans
+from vaegan.autoencoder.exact_tiling import Box, ExactTiling, Moments, decode_exact, decoder_graph, encode_exact, spans
 
 # SD-shaped (f8, mid attention, 3 resnets per decoder level) but narrow, so that each case takes a second or two.
 NARROW = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8)

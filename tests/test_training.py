@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 import vaegan
-from vaegan.data import ImageDataModule
-from vaegan.module import VAEGAN
+from vaegan.train.data import ImageDataModule
+from vaegan.train.module import VAEGAN
 
 from conftest import bsds_photos
 
@@ -107,7 +107,7 @@ def _run(tmp_path: Path, data_folder: Path, max_epochs: int) -> VAEGAN:
 def test_export_measures_factors_and_writes_a_diffusers_vae(assets, tmp_path):
     folder = bsds_photos(assets, tmp_path, "train", 8)
     _run(tmp_path, folder, max_epochs=1)
-    from vaegan.export import export
+    from vaegan.train.export import export
 
     path = export(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "vae", data=str(folder), resolution=64)
     vae = vaegan.load(path)

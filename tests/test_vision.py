@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vaegan.vision import DINOV2_MODELS, VisionFeatures
+from vaegan.pretrained.vision import DINOV2_MODELS, VisionFeatures
 
 
 def test_alexnet_features_from_the_weights_folder(assets):

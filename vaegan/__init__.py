@@ -1,11 +1,13 @@
 """vaegan: train adversarially trained KL autoencoders and ship them as frozen latent codecs."""
 
-from vaegan.autoencoder import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
-from vaegan.codec import Codec
-from vaegan.formats import FormatError, load, save
-from vaegan.latents import LatentDataset
+__version__ = "0.1.0"
+
+from vaegan.autoencoder.codec import Codec
+from vaegan.autoencoder.network import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
+from vaegan.formats.load import FormatError, load, save
+from vaegan.latents.dataset import LatentDataset
 
 __all__ = [
     "PRESETS", "AutoencoderConfig", "AutoencoderKL", "Codec", "DiagonalGaussian", "FormatError",
-    "LatentDataset", "load", "preset", "save",
+    "LatentDataset", "__version__", "load", "preset", "save",
 ]

@@ -23,10 +23,10 @@ from typing import Literal
 
 import torch
 
-from vaegan.card import model_card
-from vaegan.formats import load, save
-from vaegan.normalization import LatentNormalization
-from vaegan.weights import MissingWeights
+from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.formats.card import model_card
+from vaegan.formats.load import load, save
+from vaegan.pretrained.weights import MissingWeights
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 HELP = """usage: vaegan COMMAND [--config FILE.yaml] [--option value ...]
@@ -87,13 +87,13 @@ def run(name: str, options: list[str]) -> None:
     from jsonargparse import CLI
 
     if name == "encode":
-        from vaegan.encoding import encode
-        from vaegan.manifest import EncodeJob
+        from vaegan.latents.encode import encode
+        from vaegan.latents.manifest import EncodeJob
 
         encode(CLI(EncodeJob, args=options, prog="vaegan encode"))
         return
     if name == "probe":
-        from vaegan.probing import ProbeJob, probe
+        from vaegan.probe.run import ProbeJob, probe
 
         probe(CLI(ProbeJob, args=options, prog="vaegan probe"))
         return
@@ -107,15 +107,15 @@ def command(name: str) -> Callable:
     if name == "info":
         return info
     if name == "export":
-        from vaegan.export import export
+        from vaegan.train.export import export
 
         return export
     if name == "eval":
-        from vaegan.evaluation import evaluate
+        from vaegan.evaluate.run import evaluate
 
         return evaluate
     if name == "decode":
-        from vaegan.latents import decode_latents
+        from vaegan.latents.dataset import decode_latents
 
         return decode_latents
     raise CommandFailed(f"unknown command {name!r}; `vaegan --help` lists the commands")
@@ -125,9 +125,9 @@ def run_lightning(argv: list[str]) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
-    from vaegan.checkpoints import check_complete
-    from vaegan.data import ImageDataModule
-    from vaegan.module import VAEGAN, TrainingDiverged
+    from vaegan.formats.checkpoints import check_complete
+    from vaegan.train.data import ImageDataModule
+    from vaegan.train.module import VAEGAN, TrainingDiverged
 
     class CLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:

@@ -1,0 +1,63 @@
+"""The model card of an exported diffusers folder (its README.md): what the VAE is, which pipelines it drops
+into, how to load it, and, when an evaluation is given, how it scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vaegan.autoencoder.network import AutoencoderKL
+from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.formats.load import diffusers_class
+
+# Image sides at which the card lists the latent shapes.
+CARD_SIZES = (256, 512, 1024)
+
+
+def pipelines(vae: AutoencoderKL, normalization: LatentNormalization) -> str:
+    """The diffusers pipelines that read this VAE's normalisation as it is written."""
+    if normalization.kind == "patch":
+        return "`Flux2Pipeline` (it normalises 2x2 patches of the latents with the VAE's `bn` statistics)"
+    if normalization.kind == "channel":
+        return ("pipelines that read `latents_mean`/`latents_std` from the VAE's config (diffusers' Stable Diffusion "
+                "XL pipelines); others would use the scaling factor alone")
+    if vae.config.latent_channels == 16:
+        return "Stable Diffusion 3 and FLUX.1 pipelines (16 latent channels, scaling and shift factors)"
+    return "Stable Diffusion 1.x/2.x, SDXL and DiT pipelines (4 latent channels, the scaling factor)"
+
+
+def model_card(vae: AutoencoderKL, name: str, eval_report: str | None = None) -> str:
+    """README.md for a diffusers folder of `vae`; `eval_report` is a `vaegan eval` output folder."""
+    config = vae.config
+    normalization = LatentNormalization.of(vae)
+    diffusers_name = diffusers_class(config)
+    f, patch = config.downsampling_factor, normalization.spatial_factor
+    channels = normalization.channels(config.latent_channels)
+    shapes = "\n".join(
+        f"| {size}² | {config.latent_channels}×{size // f}×{size // f} | {channels}×{size // f // patch}×"
+        f"{size // f // patch} |"
+        for size in CARD_SIZES
+    )
+    decoder = "" if config.decoder_block_out_channels is None else f", decoder {list(config.decoder_widths)}"
+    lines = [
+        "---", "library_name: diffusers", "tags: [vae, autoencoder, latent-diffusion, vaegan]", "---", "",
+        f"# {name}", "",
+        f"A KL autoencoder (the VAE of latent diffusion) in diffusers' `{diffusers_name}` format, written by vaegan.",
+        "",
+        f"- **Architecture**: widths {list(config.block_out_channels)}{decoder}, {config.layers_per_block} resnet "
+        f"blocks per level, f{f}, {config.latent_channels} latent channels, {vae.num_parameters():,} parameters.",
+        f"- **Latent normalisation** ({normalization.kind}): z_model = {normalization}.",
+        f"- **Drops into**: {pipelines(vae, normalization)}.", "",
+        "| image | latent | normalised latent (what a diffusion model sees) |", "| --- | --- | --- |", shapes, "",
+        "## Load it", "", "```python",
+        f"from diffusers import {diffusers_name}",
+        f'vae = {diffusers_name}.from_pretrained("{name}")', "", "import vaegan",
+        f'codec = vaegan.Codec(vaegan.load("{name}"))       # encode() returns normalised latents',
+        "```", "",
+    ]
+    if eval_report is not None:
+        results = Path(eval_report) / "results.md"
+        if not results.is_file():
+            raise FileNotFoundError(f"{results} not found: eval_report must be an output folder of `vaegan eval`")
+        table = results.read_text().replace("# Reconstruction benchmark", "").strip()
+        lines += ["## Reconstruction", "", table, ""]
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Training checkpoints on disk: written whole or not at all, and refused by name when they are not whole.
+
+A checkpoint is written to a temporary file beside its target, flushed to disk, then renamed over it: a run
+killed while writing (`kill -9`, a preempted machine) leaves the previous checkpoint as it was, and at worst a
+hidden `.NAME.*.tmp` file that the next write of that checkpoint removes; a write that fails (a full disk)
+removes its temporary file and raises an `OSError` that says so.
+
+torch writes a checkpoint as a zip archive whose directory comes last, so a file that was cut short has none:
+that is how a truncated file is told from a whole one without reading it all.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+
+from vaegan.utils.files import write_file_atomically
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint that is not a whole, readable one: the message names it."""
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """`torch.save` that leaves `path` either as it was or holding the whole new checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # from a writer that was killed mid-write
+        leftover.unlink(missing_ok=True)
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            # On disk before the rename: otherwise a machine that loses power could keep the new name over
+            # data that never reached the disk.
+            os.fsync(file.fileno())
+
+    try:
+        write_file_atomically(path, write)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a failed write as a RuntimeError
+        raise OSError(
+            f"could not write the checkpoint {path} ({' '.join(str(error).split())}); is the disk full? "
+            f"{path.name} is as it was before this write"
+        ) from error
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` naming `path` unless it is a whole checkpoint file (a zip archive with its
+    directory); `FileNotFoundError` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint ({path.stat().st_size:,} bytes without the zip directory that "
+            "torch writes last): it was cut short while being written (a crash, a full disk) or is not a "
+            "checkpoint at all. Resume from an earlier checkpoint; vaegan renames its checkpoints into place only "
+            "once they are whole, so the last.ckpt of a killed run is the previous, whole one"
+        )
+
+
+def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
+    """The error for a whole checkpoint file that `torch.load` still cannot read (damaged, or not a checkpoint)."""
+    reason = str(error).split(". ")[0].splitlines()[0] if str(error) else type(error).__name__
+    return CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})")
+
+
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer and reader, for local files through `vaegan.formats.checkpoints`: a checkpoint is
+    renamed into place only once whole, and one that is not whole is refused with a message naming it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        # Tensors and plain containers only: nothing in a checkpoint is unpickled as code.
+        weights_only = True if weights_only is None else weights_only
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        check_complete(path)
+        try:
+            return super().load_checkpoint(path, map_location, weights_only)
+        except Exception as error:  # zip, pickle and unpickler errors of a damaged file come in many types
+            raise unreadable(path, error) from error

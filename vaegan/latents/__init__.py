@@ -1,0 +1,2 @@
+"""Latent datasets: `vaegan encode` (job, sources, shards, manifest, launcher), `vaegan decode`, and
+`LatentDataset` for diffusion training."""

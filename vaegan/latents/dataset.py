@@ -1,0 +1,434 @@
+"""Encoded latents for downstream use: `LatentDataset` for a diffusion trainer, `decode_latents` for inspection.
+
+    dataset = LatentDataset("/data/latents")                 # samples from the stored posterior each time
+    loader = DataLoader(dataset, batch_sampler=dataset.batch_sampler(64, shuffle=True), num_workers=4)
+    for batch in loader:
+        latents = batch["latent"]                            # (64, C, h, w) float32, normalised, one bucket
+
+Items are normalised latents (what `Codec.encode` returns and a diffusion model trains on), with the SDXL-style
+conditioning the shards keep: the source image size and the crop box. Every batch of `batch_sampler` holds one
+latent shape (bucket), as a trainer stacking tensors needs.
+
+Reading: the shards stay on disk; an item is read by decoding its Parquet row group (`vaegan.latents.shards`
+writes groups of 64 rows), and each process keeps the last `CACHED_ROW_GROUPS` groups decoded. A fully random
+order would decode a group per item, so `batch_sampler` shuffles window by window of row groups (see
+`BucketBatchSampler`); pass `in_memory=True` to decode everything once up front (about the size of the shard
+files) when it fits, and `shuffle_window=None` for a fully random order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from vaegan.autoencoder.codec import Codec, Tiling
+from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.formats.load import load
+from vaegan.latents.manifest import MANIFEST_NAME, weights_sha256
+from vaegan.latents.shards import decode_values, file_metadata, shard_files, tensor_columns, unnested
+from vaegan.utils.files import read_json
+
+# Small per-row columns, read for every row when the dataset opens.
+INDEX_COLUMNS = ["id", "index", "latent_shape", "source_height", "source_width", "crop_box"]
+# Row groups a shuffle window mixes (8 groups of 64 rows: batches drawn from 512 items at a time).
+DEFAULT_SHUFFLE_WINDOW = 8
+# Decoded row groups each process keeps: two windows, because a bucket's remainder from the previous window is
+# read in the current one; then each group is decoded about once per epoch.
+CACHED_ROW_GROUPS = 2 * DEFAULT_SHUFFLE_WINDOW
+
+
+class LatentDataset(Dataset):
+    """The latents of a `vaegan encode` folder (or one shard file) as a map-style torch `Dataset`.
+
+    Item i: {"latent": (C, h, w) float32 normalised, "id": str, "index": int,
+             "original_size": (2,) int64 (height, width) of the source, "crop_box": (4,) float32
+             (left, top, right, bottom) in source pixels}.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample: bool | None = None, in_memory: bool = False):
+        """
+        Args:
+            path: an output folder of `vaegan encode`, or one of its `train-*.parquet` files.
+            sample: draw each item from the stored posterior, mean + exp(logvar / 2) * randn, with torch's global
+                generator (DataLoader workers seed it per worker and epoch); False returns the mean. None:
+                sample when the posterior was stored, else return the stored latent (mean or sample).
+            in_memory: decode all latents when the dataset opens instead of on demand (see the module doc).
+        """
+        self.path = Path(path)
+        self.files = shard_files(path)
+        metadata = [file_metadata(file) for file in self.files]
+        for key in ("store", "dtype", "vae_sha256"):
+            values = {repr(entry.get(key)) for entry in metadata}
+            if len(values) > 1:
+                raise ValueError(f"{self.path}: shards disagree on {key} ({sorted(values)}); not one encoding run")
+        normalizations = {LatentNormalization.from_json(entry.get("normalization", entry)) for entry in metadata}
+        if len(normalizations) > 1:
+            described = sorted(map(str, normalizations))
+            raise ValueError(f"{self.path}: shards disagree on the latent normalisation ({described}); "
+                             "not one encoding run")
+        self.metadata = metadata[0]
+        self.normalization = normalizations.pop()  # how the stored latents were normalised
+        self.store, self.dtype = self.metadata["store"], self.metadata["dtype"]
+        if sample and self.store != "posterior":
+            raise ValueError(
+                f"{self.path}: sample=True needs the posterior, but these shards store one latent per image "
+                f"(store={self.store!r}); pass sample=False or None, or re-encode with store='posterior'"
+            )
+        self.sample = self.store == "posterior" if sample is None else sample
+        self.columns = list(tensor_columns(self.store))
+        if not self.sample and self.store == "posterior":
+            self.columns = ["mean"]
+        self.manifest = read_json(self.path / MANIFEST_NAME) if (self.path / MANIFEST_NAME).is_file() else None
+        if self.manifest is not None and not self.manifest.get("complete"):
+            warnings.warn(f"{self.path}: encoding is not complete (manifest says so); reading the shards done so far",
+                          stacklevel=2)
+
+        tables, locations = [], []
+        for number, file in enumerate(self.files):
+            parquet = pq.ParquetFile(file)
+            tables.append(parquet.read(columns=INDEX_COLUMNS))
+            for group in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                locations.append(np.stack([np.full(rows, number), np.full(rows, group), np.arange(rows)], axis=1))
+        self.ids = [value for table in tables for value in table.column("id").to_pylist()]
+        self.indices = np.concatenate([table.column("index").to_numpy() for table in tables])
+        self.shapes = np.concatenate([_fixed(table, "latent_shape", 3) for table in tables]).astype(np.int64)
+        self.original_sizes = np.concatenate([
+            np.stack([table.column("source_height").to_numpy(), table.column("source_width").to_numpy()], axis=1)
+            for table in tables
+        ]).astype(np.int64)
+        self.crop_boxes = np.concatenate([_fixed(table, "crop_box", 4) for table in tables]).astype(np.float32)
+        self.locations = np.concatenate(locations)  # (N, 3): file, row group, row within the group
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._groups: OrderedDict[tuple[int, int], dict[str, list[np.ndarray]]] = OrderedDict()
+        self._cache_size = math.inf if in_memory else CACHED_ROW_GROUPS
+        if in_memory:
+            for file, group in np.unique(self.locations[:, :2], axis=0).tolist():
+                self._row_group(file, group)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        stored = self.stored(index)
+        latent = stored["mean" if "mean" in stored else "latent"]
+        if self.sample:
+            latent = latent + stored["logvar"].mul(0.5).exp() * torch.randn(latent.shape)
+        return {
+            "latent": latent,                                                   # (C, h, w)
+            "id": self.ids[index],
+            "index": int(self.indices[index]),
+            "original_size": torch.from_numpy(self.original_sizes[index]),      # (2,) height, width
+            "crop_box": torch.from_numpy(self.crop_boxes[index]),               # (4,)
+        }
+
+    def stored(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors stored for item `index`, float32 (C, h, w): "mean" and, unless the dataset was opened with
+        sample=False, "logvar" for a stored posterior; "latent" otherwise. For callers that draw their own
+        posterior samples (with their own generator)."""
+        file, group, row = (int(value) for value in self.locations[index])
+        values = self._row_group(file, group)
+        return {name: torch.from_numpy(decode_values(values[name][row], self.dtype)) for name in values}
+
+    def _row_group(self, file: int, group: int) -> dict[str, list[np.ndarray]]:
+        """The stored latents of one row group, one (C, h, w) array per row, through a small LRU cache."""
+        key = (file, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        parquet = self._files.get(file)
+        if parquet is None:
+            parquet = self._files[file] = pq.ParquetFile(self.files[file])
+        table = parquet.read_row_group(group, columns=[*self.columns, "latent_shape"])
+        shapes = _fixed(table, "latent_shape", 3)
+        values = {name: unnested(table.column(name), shapes) for name in self.columns}
+        self._groups[key] = values
+        while len(self._groups) > self._cache_size:
+            self._groups.popitem(last=False)
+        return values
+
+    def __getstate__(self) -> dict:
+        # Open Parquet handles do not cross into DataLoader workers; each worker opens its own.
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def batch_sampler(self, batch_size: int, **options: Any) -> BucketBatchSampler:
+        """Batches of one latent shape each; `options` as for `BucketBatchSampler`. Shuffling goes window by
+        window of row groups (`shuffle_window`), so that a row group is decoded once per window, not per item."""
+        window = options.get("shuffle_window", DEFAULT_SHUFFLE_WINDOW)
+        if window is not None:
+            self._cache_size = max(self._cache_size, 2 * window)  # see CACHED_ROW_GROUPS
+        return BucketBatchSampler(self.shapes, batch_size, groups=self.row_groups(), **options)
+
+    def row_groups(self) -> np.ndarray:
+        """(N,) the Parquet row group each item is stored in, numbered across files."""
+        _, group = np.unique(self.locations[:, :2], axis=0, return_inverse=True)
+        return group.reshape(-1)
+
+
+def _fixed(table: Any, column: str, size: int) -> np.ndarray:
+    """A fixed-size-list column as an (N, size) array."""
+    return table.column(column).combine_chunks().flatten().to_numpy().reshape(-1, size)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of indices that share a latent shape, for `DataLoader(batch_sampler=...)`.
+
+    With `shuffle`, each epoch is a new random order seeded by (seed, epoch): call `set_epoch` each epoch, as with
+    `DistributedSampler`.
+    - Without `groups` (or with `shuffle_window=None`): the items of every bucket are permuted, cut into
+      batches, and the order of all batches is permuted. A fully random order.
+    - With `groups`, the storage unit of each item (a Parquet row group, which must be decoded whole): the
+      groups are permuted and taken `shuffle_window` at a time; the items of a window are permuted per bucket
+      and cut into batches (a bucket's remainder joins the next window), and the window's batches are permuted.
+      A batch then mixes items of `shuffle_window` random groups, and each process decodes a group once per
+      window instead of once per item: the shuffle buffer of streaming loaders, at the cost of batches drawn
+      from a window rather than from the whole set.
+    Under data parallelism every rank gets every `world_size`-th batch of the same global order; the batch count
+    is cut to a multiple of `world_size` so that all ranks take the same number of steps. rank and world_size
+    default to torch.distributed's when it is initialised.
+    """
+
+    def __init__(
+        self, shapes: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+        rank: int | None = None, world_size: int | None = None, groups: np.ndarray | None = None,
+        shuffle_window: int | None = DEFAULT_SHUFFLE_WINDOW,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if rank is None or world_size is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.shapes, self.batch_size, self.shuffle, self.seed = shapes, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        if shuffle_window is not None and shuffle_window < 1:
+            raise ValueError(f"shuffle_window={shuffle_window} must be at least 1 (or None for a full shuffle)")
+        self.groups, self.shuffle_window = groups, shuffle_window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _buckets(self) -> list[np.ndarray]:
+        """Item indices of each latent shape."""
+        _, inverse = np.unique(self.shapes, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        return [np.flatnonzero(inverse == bucket) for bucket in range(inverse.max() + 1 if len(inverse) else 0)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle and self.groups is not None and self.shuffle_window is not None:
+            batches = self._windowed_batches(generator)
+        else:
+            batches = []
+            for members in self._buckets():
+                if self.shuffle:
+                    members = generator.permutation(members)
+                batches += self._cut(members)
+            if self.shuffle:
+                batches = [batches[i] for i in generator.permutation(len(batches))]
+        usable = len(batches) // self.world_size * self.world_size
+        return iter(batches[:usable][self.rank::self.world_size])
+
+    def _cut(self, members: np.ndarray) -> list[list[int]]:
+        """Consecutive batches of `members`, the last one partial unless `drop_last`."""
+        batches = [members[start:start + self.batch_size].tolist() for start in range(0, len(members), self.batch_size)]
+        return batches if not (self.drop_last and batches and len(batches[-1]) < self.batch_size) else batches[:-1]
+
+    def _windowed_batches(self, generator: np.random.Generator) -> list[list[int]]:
+        """See the class doc: groups in random order, `shuffle_window` at a time, remainders carried forward."""
+        _, bucket_of = np.unique(self.shapes, axis=0, return_inverse=True)
+        bucket_of = bucket_of.reshape(-1)
+        group_order = generator.permutation(np.unique(self.groups))
+        by_group = {group: np.flatnonzero(self.groups == group) for group in group_order.tolist()}
+        carried = {bucket: np.empty(0, dtype=np.int64) for bucket in np.unique(bucket_of).tolist()}
+        batches = []
+        for start in range(0, len(group_order), self.shuffle_window):
+            window = np.concatenate([by_group[g] for g in group_order[start:start + self.shuffle_window].tolist()])
+            window_batches = []
+            for bucket in carried:
+                members = generator.permutation(np.concatenate([carried[bucket], window[bucket_of[window] == bucket]]))
+                whole = len(members) // self.batch_size * self.batch_size
+                window_batches += [members[i:i + self.batch_size].tolist() for i in range(0, whole, self.batch_size)]
+                carried[bucket] = members[whole:]
+            batches += [window_batches[i] for i in generator.permutation(len(window_batches))]
+        remainders = [members.tolist() for members in carried.values() if len(members) and not self.drop_last]
+        return batches + [remainders[i] for i in generator.permutation(len(remainders))]
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        batches = sum(rounding(len(members) / self.batch_size) for members in self._buckets())
+        return batches // self.world_size
+
+
+# ---- decoding back to images ----
+
+IMAGE_FORMATS = {"png": ("PNG", ".png"), "webp": ("WEBP", ".webp"), "jpeg": ("JPEG", ".jpg"), "jpg": ("JPEG", ".jpg")}
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors", ".npy")
+
+
+def read_tensor_file(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """Normalised latents saved by a diffusion sampler: (name, (C, h, w)) for each latent in the file.
+
+    A tensor (B, C, h, w) or (C, h, w) in .pt/.pth/.npy, or every tensor of a .safetensors file or of a dict
+    saved with torch.save; the i-th latent of tensor `key` is named "key-i" (the file's stem for a bare tensor).
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    elif path.suffix == ".npy":
+        tensors = {path.stem: torch.from_numpy(np.load(path))}
+    else:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = loaded if isinstance(loaded, dict) else {path.stem: loaded}
+    latents = []
+    for key, tensor in tensors.items():
+        if not torch.is_tensor(tensor) or tensor.ndim not in (3, 4) or not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key!r} is not a float latent tensor (B, C, h, w) or (C, h, w)")
+        batch = tensor[None] if tensor.ndim == 3 else tensor
+        latents += [(f"{key}-{i:05d}", latent.float()) for i, latent in enumerate(batch)]
+    return latents
+
+
+def save_options(pil_format: str, quality: int) -> dict:
+    """PIL's save arguments: PNG is lossless anyway; WebP at quality 100 is written lossless, JPEG never is."""
+    if pil_format == "PNG":
+        return {}
+    if pil_format == "WEBP" and quality >= 100:
+        return {"lossless": True}
+    return {"quality": quality}
+
+
+def image_path(folder: Path, name: str, suffix: str, taken: set[Path]) -> Path:
+    """Where the image of latent `name` goes: its id as a relative path, with the image format's suffix.
+
+    Ids cannot leave `folder` (absolute parts and ".." are dropped); two ids that would collide once their
+    suffix is replaced ("a.jpg", "a.png") keep the original suffix too ("a.png.png").
+    """
+    parts = [part for part in Path(name).parts if part not in ("", ".", "..") and part != Path(name).anchor]
+    relative = Path(*parts) if parts else Path("latent")
+    path = folder / relative.with_suffix(suffix) if relative.suffix else folder / f"{relative}{suffix}"
+    if path in taken:
+        path = folder / f"{relative}{suffix}"
+    taken.add(path)
+    return path
+
+
+def decode_latents(
+    *,
+    input: str,
+    output: str,
+    model: str | None = None,
+    format: Literal["png", "webp", "jpeg"] = "png",
+    quality: int = 95,
+    sample: bool = False,
+    ids: list[str] | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    batch_size: int = 4,
+    tile_size: int | None = None,
+    tiling: Tiling = "exact",
+    preset: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Decode latents back to images: a vaegan encode folder or shard (images named by id, in subfolders as the
+    ids have them), or a tensor file of normalised latents from a diffusion sampler. Returns the image paths.
+
+    Args:
+        input: a vaegan encode folder or shard file, or a .pt/.pth/.npy/.safetensors file of normalised latents
+            (B, C, h, w) or (C, h, w) (see `read_tensor_file`).
+        output: folder for the images.
+        model: any VAE vaegan reads; default: the one the manifest names, if it is still there. A VAE other than
+            the encoder is allowed (a fine-tuned decoder) but warned about.
+        format: image format.
+        quality: webp/jpeg quality; webp at 100 is lossless.
+        sample: decode a sample of the stored posterior instead of its mean.
+        ids: decode only these ids.
+        limit: decode only the first N latents.
+        device: cpu, cuda, cuda:N; default: cuda when available.
+        dtype: precision of the decoder.
+        batch_size: latents (or tiles) per forward pass.
+        tile_size: decode in tiles of this many pixels; default: only images above 1024^2, so memory stays
+            bounded.
+        tiling: exact tiles decode what the untiled decoder would; blend is faster and approximate.
+        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        progress: show a progress bar, and a summary at the end.
+    """
+    if format not in IMAGE_FORMATS:
+        raise ValueError(f"format={format!r}; choose one of png, webp, jpeg")
+    pil_format, suffix = IMAGE_FORMATS[format]
+    source, folder = Path(input), Path(output)
+    if source.suffix in TENSOR_SUFFIXES:
+        named = read_tensor_file(source)
+        dataset, expected_hash = None, None
+        if model is None:
+            raise ValueError(f"{source}: a tensor file does not say which VAE made it; pass model=")
+    else:
+        dataset = LatentDataset(source, sample=sample)
+        expected_hash = dataset.metadata.get("vae_sha256")
+        if model is None:
+            named_model = (dataset.manifest or {}).get("vae", {}).get("source")
+            if not named_model or not Path(named_model).exists():
+                raise ValueError(f"{source}: the VAE that encoded it ({named_model or 'unknown'}) is not at hand; "
+                                 "pass model=")
+            model = named_model
+    vae = load(model, config=preset)
+    if expected_hash and weights_sha256(vae) != expected_hash:
+        warnings.warn(f"decoding {source} with {model}, not the VAE that encoded it (weights differ)", stacklevel=2)
+    codec = Codec(vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype,
+                  batch_size=batch_size, tile_size=tile_size, tiling=tiling)
+    all_names = dataset.ids if dataset is not None else [name for name, _ in named]
+    all_shapes = dataset.shapes if dataset is not None else [latent.shape for _, latent in named]
+    wanted = None if ids is None else set(ids)
+    selected = [i for i, name in enumerate(all_names) if wanted is None or name in wanted]
+    missing = sorted((wanted or set()) - {all_names[i] for i in selected})
+    if missing:
+        raise ValueError(f"{source}: no latents with ids {missing[:10]}")
+    selected = selected[:limit]
+    names = {i: all_names[i] for i in selected}
+    shapes = {i: tuple(all_shapes[i]) for i in selected}
+
+    def latent(position: int) -> torch.Tensor:
+        """A normalised latent (C, h, w) as the decoding codec expects it."""
+        if dataset is None:
+            return named[position][1]
+        # Stored latents are normalised as the encoding VAE declared; the codec expects its own VAE's.
+        stored = dataset[position]["latent"][None]                                 # (1, C, h, w)
+        return codec.normalization.normalize(dataset.normalization.denormalize(stored))[0]
+
+    # Batches of one shape, in the order the latents were listed within each shape.
+    by_shape: dict[tuple, list[int]] = {}
+    for position in selected:
+        by_shape.setdefault(shapes[position], []).append(position)
+    chunks = [members[i:i + batch_size] for members in by_shape.values() for i in range(0, len(members), batch_size)]
+    written: list[Path] = []
+    taken: set[Path] = set()
+    with tqdm(total=len(selected), unit="img", desc="decoding", disable=not progress) as bar:
+        for chunk in chunks:
+            images = codec.decode(torch.stack([latent(position) for position in chunk]), output="pil")
+            for position, image in zip(chunk, images, strict=True):
+                path = image_path(folder, names[position], suffix, taken)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path, pil_format, **save_options(pil_format, quality))
+                written.append(path)
+            bar.update(len(chunk))
+    if progress:
+        print(f"wrote {len(written)} images to {folder}")
+    return written

@@ -1,0 +1,1 @@
+"""Numbers about images and latents: reconstruction metrics, distribution distances, latent diagnostics."""

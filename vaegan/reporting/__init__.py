@@ -1,0 +1,1 @@
+"""What evaluation and the probe share to show results: report.html, image grids, Markdown tables."""

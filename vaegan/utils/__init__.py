@@ -1,0 +1,1 @@
+"""Small helpers every layer uses: files never half-written, precision names, derived seeds."""
