@@ -25,7 +25,7 @@ import torch
 
 from vaegan import PRESETS, AutoencoderKL, Codec, load, preset
 from vaegan.autoencoder.normalization import LatentNormalization
-from vaegan.formats.load import diffusers_class, diffusers_config
+from vaegan.formats.save import diffusers_class, diffusers_config
 from vaegan.utils.dtypes import resolve_dtype
 
 

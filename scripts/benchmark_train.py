@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vaegan.autoencoder.network import PRESETS
-from vaegan.formats.load import diffusers_config
+from vaegan.formats.save import diffusers_config
 from vaegan.images.convert import to_uint8
 from vaegan.metrics.reconstruction import psnr
 from vaegan.pretrained.lpips import PerceptualLoss

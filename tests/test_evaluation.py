@@ -16,7 +16,8 @@ from torch import nn
 
 import vaegan
 from vaegan.cli import main
-from vaegan.evaluate.run import ModelSpec, evaluate, fixed_sheet_indices, load_metric_networks
+from vaegan.evaluate.run import evaluate, fixed_sheet_indices, load_metric_networks
+from vaegan.formats.specs import ModelSpec
 from vaegan.metrics.distribution import FeatureMoments, frechet_distance
 from vaegan.metrics.reconstruction import latent_bits_per_pixel, ms_ssim, psnr, ssim
 from vaegan.pretrained.inception import INCEPTION_FILE, InceptionFeatures, MissingInceptionWeights, build_inception

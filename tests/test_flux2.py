@@ -11,7 +11,7 @@ import vaegan
 from vaegan.autoencoder.normalization import LatentNormalization, patchify
 from vaegan.images.crops import resize_center_crop
 from vaegan.images.reading import load_image, to_tensor
-from vaegan.latents.dataset import decode_latents
+from vaegan.latents.decode import decode_latents
 from vaegan.latents.encode import encode_dataset
 from vaegan.train.data import ImageDataModule
 from vaegan.train.export import export

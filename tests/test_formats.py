@@ -3,6 +3,8 @@
 import hashlib
 import json
 import logging
+import os
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import vaegan
 from vaegan import AutoencoderKL, FormatError, preset
-from vaegan.formats.load import diffusers_config, to_diffusers_name, to_original_name
+from vaegan.formats.naming import to_diffusers_name, to_original_name
+from vaegan.formats.save import diffusers_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -355,6 +358,21 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------ atomic writes
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_keep_the_users_umask(tmp_path, umask):
+    """A VAE exported into a shared folder is readable by whoever the umask lets read it, as any file the user
+    writes (the atomic writes' temporary files are private until they are renamed into place)."""
+    previous = os.umask(umask)
+    try:
+        folder = vaegan.save(small_vae(), tmp_path / "vae")
+        single = vaegan.save(small_vae(), tmp_path / "vae.safetensors", format="single-file")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    for path in [*folder.iterdir(), single]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
 @pytest.mark.parametrize("format, name", [("diffusers", "vae"), ("single-file", "vae.safetensors")])
 def test_failed_save_leaves_the_previous_artifact(tmp_path, monkeypatch, format, name):
     good = small_vae()
@@ -364,7 +382,7 @@ def test_failed_save_leaves_the_previous_artifact(tmp_path, monkeypatch, format,
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(vaegan.formats.load, "save_file", fail)
+    monkeypatch.setattr(vaegan.formats.save, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         vaegan.save(perturbed(AutoencoderKL(good.config), seed=1), path, format=format)
 

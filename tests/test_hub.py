@@ -9,9 +9,10 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 
 import vaegan
-from vaegan import AutoencoderKL, FormatError, hub, preset
+from vaegan import AutoencoderKL, FormatError, preset
 from vaegan.cli import main
 from vaegan.evaluate.run import evaluate
+from vaegan.formats import hub
 
 REPO = "owner/tiny-vae"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import vaegan
-from vaegan.latents.dataset import BucketBatchSampler, LatentDataset, decode_latents
+from vaegan.latents.dataset import BucketBatchSampler, LatentDataset
+from vaegan.latents.decode import decode_latents
 from vaegan.latents.encode import encode_dataset
 
 from conftest import read_rows, skimage_photos

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from vaegan.autoencoder.codec import Codec
 from vaegan.autoencoder.network import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, preset
-from vaegan.formats.load import FormatError, load, save
+from vaegan.formats.load import FormatError, load
+from vaegan.formats.save import save
 from vaegan.latents.dataset import LatentDataset
 
 __all__ = [

@@ -25,7 +25,8 @@ import torch
 
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.formats.card import model_card
-from vaegan.formats.load import load, save
+from vaegan.formats.load import load
+from vaegan.formats.save import save
 from vaegan.pretrained.weights import MissingWeights
 
 LIGHTNING_COMMANDS = ("fit", "validate")
@@ -88,7 +89,7 @@ def run(name: str, options: list[str]) -> None:
 
     if name == "encode":
         from vaegan.latents.encode import encode
-        from vaegan.latents.manifest import EncodeJob
+        from vaegan.latents.job import EncodeJob
 
         encode(CLI(EncodeJob, args=options, prog="vaegan encode"))
         return
@@ -115,7 +116,7 @@ def command(name: str) -> Callable:
 
         return evaluate
     if name == "decode":
-        from vaegan.latents.dataset import decode_latents
+        from vaegan.latents.decode import decode_latents
 
         return decode_latents
     raise CommandFailed(f"unknown command {name!r}; `vaegan --help` lists the commands")

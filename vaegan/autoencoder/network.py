@@ -9,6 +9,7 @@ files: `vaegan.formats.load` reads and writes it (in diffusers', CompVis' and Bl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -441,3 +442,12 @@ class AutoencoderKL(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def weights_sha256(vae: AutoencoderKL) -> str:
+    """sha256 over the state dict (diffusers names, sorted, as fp32): one weights, one hash, in any file format."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(vae.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
+    return digest.hexdigest()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,6 +25,7 @@ from vaegan.autoencoder.codec import Codec
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.evaluate.report import EvaluationResult, ModelResult, SheetImage, write_report
 from vaegan.formats.load import load
+from vaegan.formats.specs import ModelSpec, parse_model_specs
 from vaegan.images.convert import to_uint8
 from vaegan.images.readers import EvalCrop, ImageReader, Skip, open_reader
 from vaegan.images.reading import ImageError
@@ -41,21 +41,6 @@ from vaegan.utils.dtypes import resolve_dtype
 RFID_RELIABLE_IMAGES = 2048
 
 
-@dataclass
-class ModelSpec:
-    """A VAE to evaluate: the label used in every table and sheet, and where it is loaded from."""
-
-    label: str
-    path: str
-
-    @classmethod
-    def parse(cls, spec: str) -> ModelSpec:
-        """`PATH` (label: the folder or file name) or `LABEL=PATH` (unless `spec` is an existing path)."""
-        label, sep, path = spec.partition("=")
-        if sep and label and "/" not in label and not Path(spec).exists():
-            return cls(label, path)
-        stripped = spec.rstrip("/")
-        return cls(Path(stripped).stem if Path(stripped).is_file() else Path(stripped).name, spec)
 
 
 class EvalImages(Dataset):
@@ -255,14 +240,6 @@ def evaluate(
     return result
 
 
-def parse_model_specs(models: list[str]) -> list[ModelSpec]:
-    if not models:
-        raise ValueError("give at least one model to evaluate")
-    specs = [ModelSpec.parse(spec) for spec in models]
-    labels = [spec.label for spec in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"model labels must be distinct, got {labels}: name them with LABEL=PATH")
-    return specs
 
 
 def open_models(

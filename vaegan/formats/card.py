@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vaegan.autoencoder.network import AutoencoderKL
 from vaegan.autoencoder.normalization import LatentNormalization
-from vaegan.formats.load import diffusers_class
+from vaegan.formats.save import diffusers_class
 
 # Image sides at which the card lists the latent shapes.
 CARD_SIZES = (256, 512, 1024)

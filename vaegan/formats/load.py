@@ -21,7 +21,6 @@ Forest Labs' `ae.safetensors`) also nest the quant convs: `encoder.quant_conv` <
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -29,29 +28,27 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vaegan.autoencoder.network import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from vaegan.formats import hub
-from vaegan.utils.files import replace_folder_atomically, write_file_atomically
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-# Our config JSON: in a single file's safetensors metadata, and in a training checkpoint's top-level dict.
-METADATA_KEY = "vaegan_config"
-# In order of preference: full precision first, the fp16 variant only when it is all there is.
-WEIGHTS_CANDIDATES = (
-    WEIGHTS_NAME,
-    WEIGHTS_NAME + ".index.json",  # sharded: the index maps each tensor to its shard file
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.bin",
+from vaegan.formats.naming import (
+    ATTENTION_PROJECTIONS,
+    CONFIG_NAME,
+    DIFFUSERS_KEYS,
+    LEGACY_ATTENTION,
+    METADATA_KEY,
+    NESTED_QUANT_CONVS,
+    ORIGINAL_NAMING,
+    WEIGHTS_CANDIDATES,
+    rename,
+    to_diffusers_name,
+    to_original_name,
 )
+from vaegan.utils.dtypes import cast_floating
+
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Where a whole Stable Diffusion checkpoint (or a model wrapper) keeps its VAE.
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -59,56 +56,11 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 TRAINING_LOSS_PREFIX = "loss."
 MAX_LISTED_KEYS = 10
 
-# The config.json keys of each diffusers class, beyond `_class_name`: its constructor's arguments, and so the
-# only keys `from_pretrained` takes without a warning (it ignores the others, and so does `load`).
-_SHARED_KEYS = (
-    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "act_fn", "latent_channels",
-    "norm_num_groups", "sample_size", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
-)
-DIFFUSERS_KEYS = {
-    "AutoencoderKL": (
-        *_SHARED_KEYS, "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
-    ),
-    # No scalar normalisation: FLUX.2's pipelines normalise with the `bn` statistics alone.
-    "AutoencoderKLFlux2": (
-        *_SHARED_KEYS, "decoder_block_out_channels", "batch_norm_eps", "batch_norm_momentum", "patch_size",
-    ),
-}
 # A count of the batches behind FLUX.2's statistics, which nothing reads once they are measured. diffusers'
 # FLUX.2 conversion carries only running_mean and running_var, and torch's BatchNorm loader starts a count
 # that a state dict lacks at 0: so does `load`; every other tensor must be in the file.
 BATCHES_TRACKED = "bn.num_batches_tracked"
 
-# (original, diffusers) name fragments; `{i}` is a number carried across. The decoder's level index is
-# additionally reversed (see `_reverse_up_levels`). Every fragment is dot-delimited, so no rule can
-# match inside a name that is already in the other convention.
-_RENAMES = [
-    ("encoder.down.{i}.block.", "encoder.down_blocks.{i}.resnets."),
-    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
-    ("decoder.up.{i}.block.", "decoder.up_blocks.{i}.resnets."),
-    ("decoder.up.{i}.upsample.", "decoder.up_blocks.{i}.upsamplers.0."),
-    (".mid.block_1.", ".mid_block.resnets.0."),
-    (".mid.block_2.", ".mid_block.resnets.1."),
-    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
-    (".mid.attn_1.q.", ".mid_block.attentions.0.to_q."),
-    (".mid.attn_1.k.", ".mid_block.attentions.0.to_k."),
-    (".mid.attn_1.v.", ".mid_block.attentions.0.to_v."),
-    (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
-    (".nin_shortcut.", ".conv_shortcut."),
-    (".norm_out.", ".conv_norm_out."),
-]
-# diffusers < 0.14 named the attention projections differently; single files from that era still circulate.
-_LEGACY_ATTENTION = [
-    (".attentions.0.query.", ".attentions.0.to_q."),
-    (".attentions.0.key.", ".attentions.0.to_k."),
-    (".attentions.0.value.", ".attentions.0.to_v."),
-    (".attentions.0.proj_attn.", ".attentions.0.to_out.0."),
-]
-# Black Forest Labs' FLUX.2 autoencoder keeps the quant convs inside its encoder and decoder; CompVis, sgm and
-# diffusers keep them at the top level. (top level, nested) prefixes.
-_NESTED_QUANT_CONVS = [("quant_conv.", "encoder.quant_conv."), ("post_quant_conv.", "decoder.post_quant_conv.")]
-_ATTENTION_PROJECTIONS = re.compile(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-_ORIGINAL_NAMING = re.compile(r"^(encoder|decoder)\.(down|up|mid)\.")
 
 
 class FormatError(ValueError):
@@ -118,40 +70,12 @@ class FormatError(ValueError):
 # ----------------------------------------------------------------------------------------------- naming
 
 
-def _rename(key: str, rules: list[tuple[str, str]], to_diffusers: bool) -> str:
-    for original, diffusers in rules:
-        source, target = (original, diffusers) if to_diffusers else (diffusers, original)
-        pattern = re.escape(source).replace(re.escape("{i}"), r"(\d+)")
-        key = re.sub(pattern, target.replace("{i}", r"\1"), key)
-    return key
 
 
-def _reverse_up_levels(key: str, prefix: str, num_levels: int) -> str:
-    """`decoder.<prefix>.k.` -> `decoder.<prefix>.(n-1-k).`: the same renumbering in both directions."""
-    return re.sub(
-        rf"^decoder\.{re.escape(prefix)}\.(\d+)\.",
-        lambda m: f"decoder.{prefix}.{num_levels - 1 - int(m[1])}.",
-        key,
-    )
 
 
-def to_original_name(key: str, num_levels: int, nested_quant_convs: bool = False) -> str:
-    """diffusers name -> original name, e.g. `decoder.up_blocks.0.resnets.1.conv1.weight` ->
-    `decoder.up.3.block.1.conv1.weight` for 4 levels; `nested_quant_convs` for Black Forest Labs' FLUX.2
-    naming (`quant_conv.weight` -> `encoder.quant_conv.weight`)."""
-    if nested_quant_convs:
-        for top_level, nested in _NESTED_QUANT_CONVS:
-            if key.startswith(top_level):
-                key = nested + key[len(top_level):]
-    return _reverse_up_levels(_rename(key, _RENAMES, to_diffusers=False), "up", num_levels)
 
 
-def to_diffusers_name(key: str, num_levels: int) -> str:
-    """Original name (CompVis or Black Forest Labs) -> diffusers name; the inverse of `to_original_name`."""
-    for top_level, nested in _NESTED_QUANT_CONVS:
-        if key.startswith(nested):
-            key = top_level + key[len(nested):]
-    return _rename(_reverse_up_levels(key, "up", num_levels), _RENAMES, to_diffusers=True)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -175,7 +99,7 @@ class _Weights:
         return self.prefix + key
 
 
-def _read_tensor_file(path: Path, weights: str | None = None) -> tuple[dict[str, object], dict[str, str]]:
+def _read_weights_file(path: Path, weights: str | None = None) -> tuple[dict[str, object], dict[str, str]]:
     """All entries of a weights file and its safetensors metadata, refusing anything but plain tensors.
 
     For a vaegan training checkpoint, `weights` picks the EMA (`"ema"`) or the trained (`"model"`) weights.
@@ -227,7 +151,7 @@ def _read_sharded(index_path: Path) -> dict[str, object]:
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise FormatError(f"{index_path} names the shard {shard}, which does not exist")
-        entries, _ = _read_tensor_file(shard_path)
+        entries, _ = _read_weights_file(shard_path)
         expected = {key for key, name in weight_map.items() if name == shard}
         if missing := sorted(expected - entries.keys()):
             raise FormatError(f"{shard_path} lacks {len(missing)} tensors its index assigns to it: {missing[:5]}")
@@ -272,8 +196,8 @@ def _vae_weights(entries: dict[str, object], path: Path) -> _Weights:
     if not selected:
         raise FormatError(f"{path} holds no VAE weights (no encoder./decoder. keys)")
 
-    original_naming = any(_ORIGINAL_NAMING.match(key) for key in selected)
-    nested_quant_convs = any(key.startswith(nested) for key in selected for _, nested in _NESTED_QUANT_CONVS)
+    original_naming = any(ORIGINAL_NAMING.match(key) for key in selected)
+    nested_quant_convs = any(key.startswith(nested) for key in selected for _, nested in NESTED_QUANT_CONVS)
     num_levels = 0
     tensors = {}
     if original_naming:
@@ -283,8 +207,8 @@ def _vae_weights(entries: dict[str, object], path: Path) -> _Weights:
         if original_naming:
             name = to_diffusers_name(key, num_levels)
         else:
-            name = _rename(key, _LEGACY_ATTENTION, to_diffusers=True)
-        if _ATTENTION_PROJECTIONS.search(name) and tensor.ndim > 2:
+            name = rename(key, LEGACY_ATTENTION, to_diffusers=True)
+        if ATTENTION_PROJECTIONS.search(name) and tensor.ndim > 2:
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # 1x1 conv [C, C, 1, 1] -> Linear
         tensors[name] = tensor
     return _Weights(tensors, path, prefix, original_naming, num_levels, nested_quant_convs)
@@ -494,7 +418,7 @@ def load(
         weights: for a vaegan training checkpoint, "ema" or "model".
     """
     weights_path, config_path = _locate(_resolve(path, subfolder, revision))
-    entries, metadata = _read_tensor_file(weights_path, weights)
+    entries, metadata = _read_weights_file(weights_path, weights)
     weights = _vae_weights(entries, weights_path)
 
     if isinstance(config, str):
@@ -526,131 +450,5 @@ def load(
         weights.tensors.setdefault(BATCHES_TRACKED, torch.tensor(0))
     _check_fits(weights, model_shapes, origin)
     dtype = dtype or torch.float32
-    vae.load_state_dict({k: _cast(v, dtype).contiguous() for k, v in weights.tensors.items()}, assign=True)
+    vae.load_state_dict({k: cast_floating(v, dtype).contiguous() for k, v in weights.tensors.items()}, assign=True)
     return vae.eval()
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Floating-point tensors to `dtype`; integers (BatchNorm's batch count) stay what they are."""
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
-# ----------------------------------------------------------------------------------------------- writing
-
-
-def diffusers_class(config: AutoencoderConfig) -> str:
-    """The diffusers class that builds this network: `AutoencoderKLFlux2` when it carries `bn` statistics."""
-    return "AutoencoderKLFlux2" if config.patch_size is not None else "AutoencoderKL"
-
-
-def diffusers_config(config: AutoencoderConfig) -> dict:
-    """config.json for the diffusers class of `config`: exactly the keys its constructor takes, so no warnings.
-
-    Raises ValueError for a setting that class cannot hold, rather than writing a folder that loads as
-    another model: diffusers' `AutoencoderKL` has no separate decoder widths, and `AutoencoderKLFlux2` no
-    scalar or per-channel factors (`force_upcast`, which no FLUX.2 pipeline reads, is left out).
-    """
-    class_name = diffusers_class(config)
-    if class_name == "AutoencoderKL" and config.decoder_block_out_channels is not None:
-        raise ValueError(
-            f"diffusers' AutoencoderKL has no decoder_block_out_channels (here "
-            f"{list(config.decoder_block_out_channels)}): save this VAE as a single file"
-        )
-    if class_name == "AutoencoderKLFlux2":
-        unsupported = {
-            name: getattr(config, name)
-            for name, identity in [("scaling_factor", 1.0), ("shift_factor", 0.0), ("latents_mean", None)]
-            if getattr(config, name) != identity
-        }
-        if unsupported:
-            raise ValueError(
-                f"diffusers' AutoencoderKLFlux2 normalises latents with its bn statistics alone, so it cannot "
-                f"hold {unsupported}: reset them, or save this VAE as a single file"
-            )
-    levels = len(config.block_out_channels)
-    values = config.to_dict()  # shift_factor stays a number: SD3/Flux pipelines crash on null
-    return {
-        "_class_name": class_name,
-        "_diffusers_version": _diffusers_version(),
-        **{key: values[key] for key in DIFFUSERS_KEYS[class_name]},
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-    }
-
-
-def _diffusers_version() -> str:
-    try:
-        return importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.30.0"  # diffusers is optional here; this is the oldest version pyproject allows
-
-
-def _tensors_for_saving(vae: AutoencoderKL, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {key: _cast(tensor.detach().cpu(), dtype).contiguous() for key, tensor in vae.state_dict().items()}
-
-
-def _original_state_dict(
-    tensors: dict[str, torch.Tensor], num_levels: int, nested_quant_convs: bool
-) -> dict[str, torch.Tensor]:
-    """diffusers-named tensors -> original naming, attention projections as 1x1 conv weights."""
-    renamed = {}
-    for key, tensor in tensors.items():
-        if _ATTENTION_PROJECTIONS.search(key):
-            tensor = tensor[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        renamed[to_original_name(key, num_levels, nested_quant_convs)] = tensor.contiguous()
-    return renamed
-
-
-def _check_replaceable(path: Path) -> None:
-    """Refuse to write a diffusers folder over a file, or over a folder holding anything but a diffusers VAE."""
-    if path.is_file():
-        raise FileExistsError(f"{path} is a file; the diffusers format writes a folder")
-    if path.is_dir():
-        ours = (CONFIG_NAME, CARD_NAME, *WEIGHTS_CANDIDATES)
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
-        if foreign:
-            raise FileExistsError(
-                f"refusing to replace {path}: it holds files a diffusers VAE does not ({', '.join(foreign)})"
-            )
-
-
-def save(
-    vae: AutoencoderKL,
-    path: str | os.PathLike,
-    format: Literal["diffusers", "single-file"] = "diffusers",
-    dtype: torch.dtype | None = None,
-    card: str | None = None,
-) -> Path:
-    """Write `vae` as a diffusers folder or as one original-naming `.safetensors` file; returns the path.
-
-    `card` is the folder's README.md (`vaegan.formats.card.model_card`); a single file has none.
-
-    The folder is diffusers' `AutoencoderKL`, or `AutoencoderKLFlux2` for a VAE with FLUX.2's `bn` statistics;
-    such a VAE's single file takes Black Forest Labs' naming. `dtype` casts the stored floating-point tensors
-    (e.g. torch.float16 for a half-size release); the model is unchanged.
-    """
-    path = Path(path)
-    if format not in ("diffusers", "single-file"):
-        raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
-    if format == "single-file" and path.suffix != ".safetensors":
-        raise ValueError(f"a single-file VAE is written as .safetensors, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors_for_saving(vae, dtype)
-    if format == "diffusers":
-        config_json = json.dumps(diffusers_config(vae.config), indent=2) + "\n"
-
-        def write_folder(folder: Path) -> None:
-            (folder / CONFIG_NAME).write_text(config_json)
-            if card is not None:
-                (folder / CARD_NAME).write_text(card)
-            save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-
-        _check_replaceable(path)
-        replace_folder_atomically(path, write_folder)
-    else:
-        # FLUX.2's original files are Black Forest Labs'; every other model's, CompVis's.
-        nested = vae.config.patch_size is not None
-        original = _original_state_dict(tensors, len(vae.config.block_out_channels), nested)
-        metadata = {"format": "pt", METADATA_KEY: json.dumps(vae.config.to_dict())}
-        write_file_atomically(path, lambda file: save_file(original, str(file), metadata=metadata))
-    return path

@@ -37,15 +37,14 @@ from tqdm.auto import tqdm
 from vaegan.autoencoder.codec import Codec
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.formats.load import load
+from vaegan.latents.job import EncodeJob, resolution_policy
 from vaegan.latents.launcher import Rank, SharedProgress, default_num_workers, launch, worker_start_method
 from vaegan.latents.manifest import (
     MANIFEST_NAME,
-    EncodeJob,
     claim_output,
     finalize,
     make_manifest,
     read_records,
-    resolution_policy,
     shard_metadata,
     write_record,
 )

@@ -35,19 +35,26 @@ from PIL import Image
 
 from vaegan.autoencoder.codec import Codec
 from vaegan.autoencoder.normalization import LatentNormalization, LatentStatistics
-from vaegan.evaluate.run import ModelSpec, parse_model_specs
 from vaegan.formats.load import load
+from vaegan.formats.specs import ModelSpec, parse_model_specs
 from vaegan.images.readers import DEMO_TRAIN_PHOTOS, DEMO_VAL_PHOTOS, EvalCrop, load_demo_photos, open_reader
 from vaegan.images.reading import RESAMPLE, ImageError
 from vaegan.latents.dataset import LatentDataset
 from vaegan.latents.encode import encode
-from vaegan.latents.manifest import EncodeJob
+from vaegan.latents.job import EncodeJob
 from vaegan.metrics.distribution import FeatureMoments, frechet_distance
 from vaegan.pretrained.features import DistributionFeatures, FeatureNetwork
 from vaegan.probe.module import CHECKPOINT_NAME, ProbeLatents, ProbeModule, checkpoint_step, fit
 from vaegan.probe.report import ProbedModel, ProbeResult, ProbeRun, write_probe_report
 from vaegan.reporting.grids import image_grid, save_grid
-from vaegan.utils.files import as_json, read_json, replace_folder_atomically, write_file_atomically, write_json
+from vaegan.utils.files import (
+    claim_json,
+    differences,
+    read_json,
+    replace_folder_atomically,
+    write_file_atomically,
+    write_json,
+)
 from vaegan.utils.seeds import seeded_generator
 
 SETTINGS_NAME = "probe.json"
@@ -223,27 +230,16 @@ def probe(job: ProbeJob) -> ProbeResult:
 def claim_output(output: Path, job: ProbeJob) -> None:
     """Record the job's settings, or check that a later run into the folder has the same ones (besides which VAEs
     and seeds it probes): probes trained differently must not be compared as if they were alike."""
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / SETTINGS_NAME
-    settings = {key: value for key, value in as_json(job_settings(job)).items() if key not in SELECTION}
-    if not path.exists():
-        write_json(path, settings)
-        return
-    existing = read_json(path)
-    differences = sorted(key for key in settings.keys() | existing.keys() if settings.get(key) != existing.get(key))
-    if differences:
-        raise ValueError(f"{output} holds a probe run with other settings ({', '.join(differences)} differ); "
+    settings = {key: value for key, value in job_settings(job).items() if key not in SELECTION}
+    changed = differences(claim_json(output / SETTINGS_NAME, settings), settings)
+    if changed:
+        raise ValueError(f"{output} holds a probe run with other settings ({changed}); "
                          "rerun with the original settings, or use a new output folder")
 
 
 def claim_label(folder: Path, spec: ModelSpec, scrambled: bool) -> None:
     """A label's probes stay those of one VAE, scrambled or not (the encoding folder checks the weights)."""
-    path = folder / "model.json"
-    record = {"path": spec.path, "scrambled": scrambled}
-    if not path.exists():
-        write_json(path, record)
-        return
-    existing = read_json(path)
+    existing = claim_json(folder / "model.json", {"path": spec.path, "scrambled": scrambled})
     if existing.get("scrambled") != scrambled:
         raise ValueError(f"{spec.label} was probed {'with' if existing.get('scrambled') else 'without'} scrambling in "
                          f"{folder.parent.parent}; give this variant another label")

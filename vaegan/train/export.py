@@ -11,7 +11,8 @@ from vaegan.autoencoder.network import AutoencoderKL
 from vaegan.autoencoder.normalization import Convention, Kind, LatentNormalization, LatentStatistics, measured_layout
 from vaegan.formats.card import model_card
 from vaegan.formats.checkpoints import check_complete
-from vaegan.formats.load import FormatError, load, save
+from vaegan.formats.load import FormatError, load
+from vaegan.formats.save import save
 from vaegan.images.readers import DEMO_VAL_PHOTOS, EvalCrop, load_demo_photos, open_reader
 from vaegan.images.reading import ImageError
 

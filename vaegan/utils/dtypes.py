@@ -18,3 +18,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[dtype]
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating-point tensors to `dtype`; integers (BatchNorm's batch count) stay what they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

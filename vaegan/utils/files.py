@@ -32,6 +32,8 @@ def replace_folder_atomically(path: Path, write: Callable[[Path], None]) -> None
     previous = temporary.with_name(temporary.name + ".old")
     try:
         write(temporary)
+        for entry in (temporary, *temporary.rglob("*")):
+            make_readable(entry)
         if path.exists():
             os.replace(path, previous)
         os.replace(temporary, path)
@@ -44,10 +46,14 @@ def replace_folder_atomically(path: Path, write: Callable[[Path], None]) -> None
 
 
 def make_readable(path: Path) -> None:
-    """Give a file the permissions a plain `open` would have (mkstemp makes it private to its owner, 0600)."""
+    """Give a file or folder the permissions a plain `open` or `mkdir` would have under the user's umask.
+
+    mkstemp and mkdtemp make theirs private to their owner (0600, 0700), and so do some writers (safetensors'
+    `save_file`): renamed into place as they are, an exported VAE would be unreadable to anyone else.
+    """
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -67,6 +73,38 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: unreadable ({error})") from error
+
+
+def claim_json(path: Path, record: dict) -> dict:
+    """Write `record` to `path` unless the file exists; return what the file holds (the record, or what an earlier
+    run wrote there). Of several processes claiming at once exactly one writes: the file is linked into place,
+    which fails when the name is taken."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_json(temporary, record)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink(missing_ok=True)
+    return read_json(path)
+
+
+def differences(existing: dict, wanted: dict, keys: tuple[str, ...] | None = None) -> str:
+    """The `keys` (dotted paths; default: every top-level key of either) whose values differ between a recorded
+    `existing` and a `wanted` record, as "key: old -> new" pairs joined by "; " (empty when they agree)."""
+    wanted = as_json(wanted)
+    keys = keys if keys is not None else tuple(sorted(existing.keys() | wanted.keys()))
+    pairs = ((key, _lookup(existing, key), _lookup(wanted, key)) for key in keys)
+    return "; ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in pairs if old != new)
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def as_json(data: Any) -> Any:
