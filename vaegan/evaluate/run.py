@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from vaegan.autoencoder.codec import Codec
 from vaegan.autoencoder.normalization import LatentNormalization
-from vaegan.evaluate.report import EvaluationResult, ModelResult, SheetImage, write_report
+from vaegan.evaluate.report import terminal_summary, write_report
+from vaegan.evaluate.results import EvaluationResult, ModelResult, SheetImage
 from vaegan.formats.load import load
 from vaegan.formats.specs import ModelSpec, parse_model_specs
 from vaegan.images.convert import to_uint8
@@ -233,7 +234,7 @@ def evaluate(
     if output is not None:
         paths = write_report(result, output)
         if progress:
-            print(result)
+            print(terminal_summary(result))
             spectra = " spectra.png," if diagnostics else ""
             print(f"wrote {len(paths)} files to {output} (results.md, summary.json, per_image.csv, "
                   f"per_image.png,{spectra} sheets/) in {result.seconds:.0f} s")

@@ -19,6 +19,7 @@ import numpy as np
 
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.reporting.html import write_html_report
+from vaegan.reporting.markdown import markdown_table
 from vaegan.utils.files import write_json
 
 
@@ -187,13 +188,13 @@ def model_summary(model: ProbedModel) -> dict[str, Any]:
     }
 
 
-def markdown_table(result: ProbeResult) -> str:
+def probe_table(result: ProbeResult) -> str:
     """One row per VAE: validation loss and sample distance per seed, reconstruction distance, rank per seed."""
     name, seeds = result.distance_name, result.seeds
     header = ["model", "latent", *(f"val loss ↓ seed {s}" for s in seeds),
               *(f"{name} samples ↓ seed {s}" for s in seeds), f"{name} reconstructions ↓",
               *(f"rank seed {s}" for s in seeds), "s/probe"]
-    lines = ["| " + " | ".join(header) + " |", "| --- | " + " | ".join("---:" for _ in header[1:]) + " |"]
+    body = []
     for model in result.models:
         channels, height, width = model.latent_shape
         cells = [model.label, f"{channels}×{height}×{width}{', scrambled' if model.scrambled else ''}"]
@@ -203,19 +204,19 @@ def markdown_table(result: ProbeResult) -> str:
         cells += [str(result.ranking(seed).index(model.label) + 1) for seed in seeds]
         trained = [run for run in model.runs if run.trained_steps == result.settings["steps"]]
         cells.append(f"{np.mean([run.train_seconds for run in trained]):.0f}" if trained else "n/a (resumed)")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def timestep_table(result: ProbeResult) -> str:
     """The final validation loss at each fixed timestep, mean over seeds: where in the noise range VAEs differ."""
     keys = [key for key in result.models[0].runs[0].final if key.startswith("loss_t")]
     header = ["model", *(f"t = {key.removeprefix('loss_t')}" for key in keys)]
-    lines = ["| " + " | ".join(header) + " |", "| --- | " + " | ".join("---:" for _ in keys) + " |"]
+    body = []
     for model in result.models:
         values = [np.mean([run.final[key] for run in model.runs]) for key in keys]
-        lines.append("| " + " | ".join([model.label, *(f"{value:.4f}" for value in values)]) + " |")
-    return "\n".join(lines)
+        body.append([model.label, *(f"{value:.4f}" for value in values)])
+    return markdown_table(header, body)
 
 
 def markdown_report(result: ProbeResult) -> str:
@@ -231,7 +232,7 @@ def markdown_report(result: ProbeResult) -> str:
         f"{settings['sampling_steps']} Euler steps."
     )
     lines = [
-        "# Diffusion probe", "", markdown_table(result), "",
+        "# Diffusion probe", "", probe_table(result), "",
         f"Ranking by {result.distance_name} of the samples, best first: "
         + "; ".join(f"seed {seed}: {text}" for seed, text in order.items()) + f" ({verdict}).", "",
         "Final validation loss per timestep (mean over seeds):", "", timestep_table(result), "",
