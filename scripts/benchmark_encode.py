@@ -12,7 +12,7 @@ images, since nothing else can happen meanwhile). The latents of the two are com
 workers only read JPEG headers and the encoding process decodes the batch on its device (nvjpeg on CUDA). Its
 decoding time counts as encoding, not as waiting for data; compare the img/s.
 
-    python scripts/benchmark_encode.py --arch tiny --images ../shared/assets/bsds500/train --max-images 48
+    python scripts/benchmark_encode.py --arch mini --images ../shared/assets/bsds500/train --max-images 48
     python scripts/benchmark_encode.py --arch sd --resolution 256 --device cuda --dtype bf16 --max-images 2000 \\
         --num-workers 8 --decode-jpeg both --json bench.json
 """
@@ -119,7 +119,7 @@ def print_table(rows: list[dict], args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", choices=list(vaegan.PRESETS),
+    parser.add_argument("--arch", default="mini", choices=list(vaegan.PRESETS),
                         help="architecture preset with random weights (default: tiny); ignored with --model")
     parser.add_argument("--model", default=None, help="a VAE vaegan reads, instead of random weights")
     parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images (default: BSDS500 train)")

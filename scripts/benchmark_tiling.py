@@ -138,7 +138,7 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="sd", choices=["sd", "sdxl", "sd3", "flux", "tiny"],
+    parser.add_argument("--arch", default="sd", choices=["sd", "sdxl", "sd3", "flux", "mini"],
                         help="architecture preset (random weights) when --model is not given")
     parser.add_argument("--model", default=None, help="a trained VAE (any format vaegan reads)")
     parser.add_argument("--size", type=int, default=512, help="side of the decoded square image in pixels")

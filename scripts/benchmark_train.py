@@ -19,9 +19,9 @@ offline), so the perceptual cost is identical. Training batches are random crops
 real photos (scikit-image's astronaut and coffee), so that speed is not bought with quality.
 
     VAEGAN_WEIGHTS_DIR=/work/shared/assets/lpips \
-        python scripts/benchmark_train.py --arch tiny --resolution 64 --batch-size 4 --steps 6 --warmup 2
+        python scripts/benchmark_train.py --arch mini --resolution 64 --batch-size 4 --steps 6 --warmup 2
     # the cost of each diffusability regulariser per batch, against the plain objective
-    python scripts/benchmark_train.py --arch tiny --resolution 64 --batch-size 8 --regularizers eq se noise align
+    python scripts/benchmark_train.py --arch mini --resolution 64 --batch-size 8 --regularizers eq se noise align
     python scripts/benchmark_train.py --device cuda --arch sd --resolution 256 --batch-size 8 \
         --precision 32 bf16-mixed --compile --channels-last --json train_bench.json
 """
@@ -350,7 +350,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train")
-    parser.add_argument("--arch", choices=list(PRESETS), default="tiny", help="autoencoder preset")
+    parser.add_argument("--arch", choices=list(PRESETS), default="mini", help="autoencoder preset")
     parser.add_argument("--resolution", type=int, default=256, help="training crop size in pixels")
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch")
     parser.add_argument("--steps", type=int, default=20, help="timed batches after the warm-up")

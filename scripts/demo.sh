@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded demo: train the tiny VAE on scikit-image's bundled photos, export it, say where things are.
+# The embedded demo: train the mini VAE on scikit-image's bundled photos, export it, say where things are.
 # Runs offline when VAEGAN_WEIGHTS_DIR holds squeezenet1_1_features.safetensors (../shared/assets/lpips
 # beside this checkout); otherwise torchvision downloads the LPIPS backbone once.
 set -euo pipefail

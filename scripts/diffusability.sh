@@ -40,10 +40,10 @@ for name in "${@:-${ORDER[@]}}"; do
   train "$name"
 done
 
-if [[ ! -d runs/untrained-tiny ]]; then
-  python -c "import torch, vaegan; torch.manual_seed(0); vaegan.save(vaegan.AutoencoderKL(vaegan.preset('tiny')), 'runs/untrained-tiny')"
+if [[ ! -d runs/untrained-mini ]]; then
+  python -c "import torch, vaegan; torch.manual_seed(0); vaegan.save(vaegan.AutoencoderKL(vaegan.preset('mini')), 'runs/untrained-mini')"
 fi
-models=(--models+ untrained=runs/untrained-tiny --models+ demo=runs/demo/vae)
+models=(--models+ untrained=runs/untrained-mini --models+ demo=runs/demo/vae)
 checkpoints=()
 for name in "${ORDER[@]}"; do
   models+=(--models+ "$name=runs/demo-$name/vae")

@@ -23,7 +23,7 @@ if [[ "${VAEGAN_GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   # No torch.compile here: inductor on a CPU takes minutes, and CUDA graphs are what it is for. Nor bf16 autocast
   # in training: this CPU emulates bf16 arithmetic slowly, and the smoke run checks the script, not the speed. Nor
   # peak memory, which on a CPU takes a fresh process per row and measures something else than on CUDA.
-  memory="" device=cpu arch=tiny sizes="32" compiled_sizes="" repeats=1 train_arch=tiny train_size=32 train_batch=2
+  memory="" device=cpu arch=mini sizes="32" compiled_sizes="" repeats=1 train_arch=mini train_size=32 train_batch=2
   train_steps=2 train_warmup=1 train_precision=32 encode_images=8 encode_size=64 encode_batch=4 encode_repeats=1
   fallback_size=64 workers=0 profile_size=32
 else

@@ -10,6 +10,12 @@ from vaegan import PRESETS, AutoencoderConfig, AutoencoderKL, DiagonalGaussian, 
 from vaegan.autoencoder.network import Upsample2D
 
 
+def test_the_renamed_tiny_preset_still_loads_with_a_warning():
+    with pytest.warns(FutureWarning, match="'tiny' is now called 'mini'"):
+        renamed = preset("tiny", latent_channels=8)
+    assert renamed == preset("mini", latent_channels=8)
+
+
 def test_sd_preset_has_the_released_parameter_count():
     # The released SD 1.x VAE (and SDXL's, the same network) has 83,653,863 parameters.
     assert AutoencoderKL.from_preset("sd").num_parameters() == 83_653_863
@@ -95,14 +101,14 @@ def test_flux2_carries_latent_statistics_that_it_never_applies():
     assert posterior.mean.shape == (1, 32, 8, 8)  # raw latents: patchifying and normalising is the codec's job
     assert vae.decode(posterior.sample()).shape == (1, 3, 16, 16)
     assert vae.bn.num_batches_tracked.item() == 0 and vae.bn.running_mean.eq(3.0).all()
-    assert AutoencoderKL.from_preset("tiny").bn is None
+    assert AutoencoderKL.from_preset("mini").bn is None
 
 
 def test_decoder_widths_and_latent_statistics_are_checked():
-    vae = AutoencoderKL(preset("tiny", decoder_block_out_channels=(16, 32, 64)))
+    vae = AutoencoderKL(preset("mini", decoder_block_out_channels=(16, 32, 64)))
     assert vae.decoder.conv_in.weight.shape == (64, 4, 3, 3) and vae.decoder.conv_out.weight.shape == (3, 16, 3, 3)
     with pytest.raises(ValueError, match=r"decoder_block_out_channels \(16, 40, 64\) must be multiples"):
-        preset("tiny", decoder_block_out_channels=(16, 40, 64))
+        preset("mini", decoder_block_out_channels=(16, 40, 64))
     with pytest.raises(ValueError, match="latents_mean and latents_std go together"):
         preset("sdxl", latents_mean=(0.0,) * 4)
     with pytest.raises(ValueError, match="latents_std must be positive"):

@@ -16,7 +16,7 @@ from conftest import skimage_photos
 
 
 def test_convert_and_info_round_trip(tmp_path, capsys):
-    vae = vaegan.AutoencoderKL.from_preset("tiny")
+    vae = vaegan.AutoencoderKL.from_preset("mini")
     source = vaegan.save(vae, tmp_path / "tiny", format="diffusers")
     main(["convert", str(source), str(tmp_path / "tiny.safetensors"), "--to", "single-file"])
     main(["info", str(tmp_path / "tiny.safetensors"), "--size", "[256]", "--format", "json"])
@@ -42,7 +42,7 @@ def test_convert_names_the_bad_file_in_one_line(tmp_path, capsys):
 
 def test_missing_lpips_weights_end_eval_with_one_line_and_status_2(tmp_path):
     # The first thing a new user meets without $VAEGAN_WEIGHTS_DIR, run as they run it.
-    model = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), tmp_path / "vae")
+    model = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path / "vae")
     images = skimage_photos(tmp_path / "images", 2)
     environment = {key: value for key, value in os.environ.items() if key != "VAEGAN_WEIGHTS_DIR"}
     environment |= {"TORCH_HOME": str(tmp_path / "empty-torch-cache"), "VAEGAN_OFFLINE": "1"}
@@ -55,7 +55,7 @@ def test_missing_lpips_weights_end_eval_with_one_line_and_status_2(tmp_path):
 
 
 def test_a_hub_dataset_not_cached_offline_is_one_line(tmp_path, capsys):
-    model = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), tmp_path / "vae")
+    model = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path / "vae")
     with pytest.raises(SystemExit) as exited:  # HF_HUB_OFFLINE=1, as in every test
         main(["eval", "--models+", str(model), "--data", "someone/not-cached-here", "--output",
               str(tmp_path / "report"), "--progress", "false"])
@@ -91,7 +91,7 @@ def test_every_command_takes_its_options_from_one_typed_signature(command, capsy
 
 
 def test_encode_reads_its_options_from_a_config_file(tmp_path, capsys):
-    model = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), tmp_path / "vae")
+    model = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path / "vae")
     images = skimage_photos(tmp_path / "images", 3)
     with pytest.raises(SystemExit):  # --print_config prints and stops, as for `vaegan fit`
         main(["encode", "--model", str(model), "--input", str(images), "--output", str(tmp_path / "latents"),

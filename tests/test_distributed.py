@@ -36,7 +36,7 @@ class Digest(L.Callback):
             json.dump(record, file)
 
 
-module = VAEGAN(arch="tiny", perceptual_net="squeeze", disc_channels=16, disc_layers=2, lr=1e-3,
+module = VAEGAN(arch="mini", perceptual_net="squeeze", disc_channels=16, disc_layers=2, lr=1e-3,
                 disc_start=2, max_batches=5, ema_decay=0.9)
 data = ImageDataModule(source=folder, val_source=folder, resolution=32, min_size=32, batch_size=2, num_workers=0)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=-1, max_steps=-1,

@@ -35,7 +35,7 @@ SCALE, SHIFT = 0.5, 0.1  # not the identity, so a mix-up of normalisation conven
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    vae = vaegan.AutoencoderKL(vaegan.preset("tiny", scaling_factor=SCALE, shift_factor=SHIFT))
+    vae = vaegan.AutoencoderKL(vaegan.preset("mini", scaling_factor=SCALE, shift_factor=SHIFT))
     return vaegan.save(vae, tmp_path_factory.mktemp("vae") / "tiny", format="diffusers")
 
 

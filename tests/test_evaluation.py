@@ -184,9 +184,9 @@ def two_models(tmp_path_factory) -> tuple[Path, Path]:
     """Two random tiny VAEs in two formats: a diffusers folder and a single file."""
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    first = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), folder / "first", format="diffusers")
+    first = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), folder / "first", format="diffusers")
     torch.manual_seed(1)
-    second = vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), folder / "second.safetensors", format="single-file")
+    second = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), folder / "second.safetensors", format="single-file")
     return first, second
 
 

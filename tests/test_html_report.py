@@ -84,7 +84,7 @@ def check_in_browser(browser: HeadlessChromium, report: Path) -> dict:
 def test_eval_and_probe_reports_load_in_headless_chromium(assets, tmp_path):
     torch.manual_seed(0)
     for name in ("a", "b"):
-        vaegan.save(vaegan.AutoencoderKL(vaegan.preset("tiny")), tmp_path / name)
+        vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path / name)
     photos = skimage_photos(tmp_path / "photos", 8)
     evaluate(models=[f"first={tmp_path / 'a'}", f"second={tmp_path / 'b'}"], data=str(photos),
              output=str(tmp_path / "eval"), resolution=64, batch_size=4, rfid=False, sheets=2, num_workers=0,

@@ -24,7 +24,7 @@ DOWNLOAD = (
 
 def small_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
-    return AutoencoderKL(preset("tiny", block_out_channels=(16, 32), layers_per_block=1)).eval()
+    return AutoencoderKL(preset("mini", block_out_channels=(16, 32), layers_per_block=1)).eval()
 
 
 def assert_same_weights(a: AutoencoderKL, b: AutoencoderKL) -> None:

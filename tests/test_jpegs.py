@@ -124,7 +124,7 @@ def assert_same_shards(tmp_path: Path, tolerance: float) -> None:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return vaegan.save(vaegan.AutoencoderKL.from_preset("tiny"), tmp_path_factory.mktemp("vae") / "tiny")
+    return vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path_factory.mktemp("vae") / "mini")
 
 
 # Measured on the CPU: up to 6e-3 between the two paths' fp32 posterior means of the random tiny VAE, over 24 BSDS

@@ -22,7 +22,7 @@ def encoded(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny VAE and a posterior encoding of 12 photos in aspect-ratio buckets."""
     root = tmp_path_factory.mktemp("latents")
     torch.manual_seed(0)
-    vae = vaegan.AutoencoderKL(vaegan.preset("tiny", scaling_factor=0.5, shift_factor=0.1))
+    vae = vaegan.AutoencoderKL(vaegan.preset("mini", scaling_factor=0.5, shift_factor=0.1))
     model = vaegan.save(vae, root / "vae", format="diffusers")
     images = skimage_photos(root / "images", 12)
     encode_dataset(model, images, root / "out", buckets=48, step=16, shard_size=5, batch_size=4, num_workers=0,
@@ -105,7 +105,7 @@ def test_decode_a_samplers_latents_and_a_single_shard(encoded, tmp_path):
 def test_decoding_with_another_vae_warns(encoded, tmp_path):
     _, out = encoded
     torch.manual_seed(1)  # other weights than the encoder's (seed 0)
-    other = vaegan.AutoencoderKL(vaegan.preset("tiny", scaling_factor=0.5, shift_factor=0.1))
+    other = vaegan.AutoencoderKL(vaegan.preset("mini", scaling_factor=0.5, shift_factor=0.1))
     path = vaegan.save(other, tmp_path / "other", format="diffusers")
     with pytest.warns(UserWarning, match="not the VAE that encoded it"):
         written = decode_latents(input=out, output=tmp_path / "decoded", model=path, ids=["part0/photo00.png"],

@@ -123,7 +123,7 @@ def test_backbone_distance_is_named_and_measures_a_difference(assets):
 @pytest.fixture
 def vaes(tmp_path):
     torch.manual_seed(0)
-    vaegan.save(vaegan.AutoencoderKL(vaegan.preset("tiny")), tmp_path / "vae")
+    vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path / "vae")
     return tmp_path / "vae"
 
 

@@ -19,7 +19,7 @@ def python_blocks() -> list[str]:
 
 def test_codec_example_runs(tmp_path, monkeypatch):
     (example,) = [block for block in python_blocks() if 'vaegan.load("out/sd-vae")' in block]
-    vaegan.save(vaegan.AutoencoderKL(vaegan.preset("tiny")), tmp_path / "out" / "sd-vae")
+    vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path / "out" / "sd-vae")
     Image.fromarray(astronaut()[:128, :128]).save(tmp_path / "photo.png")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -30,7 +30,7 @@ def test_codec_example_runs(tmp_path, monkeypatch):
 
 def test_latent_dataset_example_runs(tmp_path, monkeypatch):
     (example,) = [block for block in python_blocks() if "vaegan.LatentDataset(" in block]
-    vae = vaegan.AutoencoderKL(vaegan.preset("tiny"))
+    vae = vaegan.AutoencoderKL(vaegan.preset("mini"))
     vaegan.save(vae, tmp_path / "vae")
     images = tmp_path / "images"
     images.mkdir()

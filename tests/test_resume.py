@@ -74,7 +74,7 @@ def fit(run: Path, photos: tuple[Path, Path], *options: str, callbacks: tuple[di
     (run / "resume_callbacks.py").write_text(CALLBACKS)
     config = {
         "seed_everything": 0,
-        "model": dict(arch="tiny", perceptual_net="squeeze", perceptual_weight=0.5, disc_start=4, disc_warmup=3,
+        "model": dict(arch="mini", perceptual_net="squeeze", perceptual_weight=0.5, disc_start=4, disc_warmup=3,
                       disc_channels=16, disc_layers=2, lr=1e-3, disc_lr=2e-4, lr_warmup=3, lr_schedule="cosine",
                       ema_decay=0.9, max_batches=BATCHES, grid_images=2),
         "data": dict(source=str(photos[0]), val_source=str(photos[1]), resolution=32, min_size=32,
@@ -271,7 +271,7 @@ def short_run(tmp_path: Path, folder: Path, batches: int, callbacks=(), plugins=
     L.seed_everything(0)
     data = ImageDataModule(source=str(folder), val_source=str(folder), resolution=32, batch_size=4,
                            num_workers=0, min_size=32)
-    module = VAEGAN(arch="tiny", perceptual_net="squeeze", disc_channels=16, disc_layers=2, lr=1e-3,
+    module = VAEGAN(arch="mini", perceptual_net="squeeze", disc_channels=16, disc_layers=2, lr=1e-3,
                     disc_start=2, ema_decay=0.9, max_batches=batches, **options)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=-1, logger=CSVLogger(tmp_path / "logs"),
@@ -290,7 +290,7 @@ def test_a_truncated_checkpoint_is_refused_by_name(assets, tmp_path, capsys):
     truncated.write_bytes(whole[: len(whole) * 2 // 3])
     config = tmp_path / "fit.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"arch": "tiny", "perceptual_net": "squeeze"},
+        "model": {"arch": "mini", "perceptual_net": "squeeze"},
         "data": {"source": str(folder), "val_source": str(folder), "resolution": 32, "min_size": 32,
                  "num_workers": 0},
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
@@ -381,7 +381,7 @@ def test_a_diverging_fit_ends_with_one_line_and_status_2(assets, tmp_path, capsy
     folder = bsds_photos(assets, tmp_path, "train", 4)
     config = tmp_path / "fit.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"arch": "tiny", "perceptual_net": "squeeze", "lr": 1.0e30, "lr_warmup": 0, "max_bad_steps": 2,
+        "model": {"arch": "mini", "perceptual_net": "squeeze", "lr": 1.0e30, "lr_warmup": 0, "max_bad_steps": 2,
                   "max_batches": 10},
         "data": {"source": str(folder), "val_source": str(folder), "resolution": 32, "min_size": 32,
                  "num_workers": 0, "batch_size": 2},

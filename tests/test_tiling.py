@@ -12,7 +12,7 @@ from vaegan.autoencoder.exact_tiling import Box, ExactTiling, Moments, decode_ex
 # SD-shaped (f8, mid attention, 3 resnets per decoder level) but narrow, so that each case takes a second or two.
 NARROW = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8)
 ARCHITECTURES = {
-    "tiny": preset("tiny"),
+    "tiny": preset("mini"),
     "sd": preset("sd", **NARROW),                                         # quant convs
     "flux": preset("flux", **NARROW),                                     # 16 channels, no quant convs
     "no-attention": preset("sd3", **NARROW, mid_block_add_attention=False),
@@ -60,7 +60,7 @@ def test_recomputing_everything_is_exact_too(name):
 
 def test_per_tile_statistics_would_not_be_exact():
     # What the merged statistics fix: the same tiles normalised on their own differ from the untiled decode.
-    vae = vae_of("tiny")
+    vae = vae_of("mini")
     z = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         expected = vae.decode(z)
@@ -164,7 +164,7 @@ def test_spans_partition_the_axis_into_near_equal_tiles():
 
 
 def test_bad_inputs_are_named():
-    vae = vae_of("tiny")
+    vae = vae_of("mini")
     with pytest.raises(ValueError, match="multiples of the downsampling factor 4"):
         encode_exact(vae, torch.zeros(1, 3, 30, 32), tile=4)
     with pytest.raises(ValueError, match=r"expected \(B, 4, h, w\)"):

@@ -22,7 +22,7 @@ from conftest import bsds_photos
 ROOT = Path(__file__).resolve().parents[1]
 
 FAST = dict(
-    arch="tiny", perceptual_net="squeeze", perceptual_weight=0.5, lr=1e-3, disc_lr=2e-4, lr_warmup=10,
+    arch="mini", perceptual_net="squeeze", perceptual_weight=0.5, lr=1e-3, disc_lr=2e-4, lr_warmup=10,
     disc_channels=16, disc_layers=2, grid_images=4,
 )
 

@@ -191,7 +191,7 @@ def convert(
         destination: output folder (diffusers) or .safetensors file (single-file).
         to: output format.
         dtype: store the weights in this dtype; default: as loaded (fp32).
-        preset: architecture preset (sd, sdxl, sd3, flux, flux2, tiny) for files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for files that carry no config.
         scaling_factor: override the scaling factor.
         shift_factor: override the shift factor.
         subfolder: the folder of the source (or hub repository) that holds the VAE; default: the root, then vae/.
@@ -222,7 +222,7 @@ def info(
         path: any VAE vaegan reads, or a hub name owner/name.
         size: image size for the latent shape: one side, or height and width (e.g. '[512, 768]').
         format: text for people, or JSON.
-        preset: architecture preset (sd, sdxl, sd3, flux, flux2, tiny) for files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for files that carry no config.
         scaling_factor: override the scaling factor.
         shift_factor: override the shift factor.
         subfolder: the folder of the path (or hub repository) that holds the VAE; default: the root, then vae/.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -134,7 +135,7 @@ class AutoencoderConfig:
 
 # The released architectures, with the factors their diffusers configs declare (SD 1.x/2.x, SDXL, SD3, Flux.1:
 # widths 128-256-512-512, 2 resnets per level, GroupNorm(32); SD3 and Flux drop the quant convs and use 16
-# channels), and a tiny one that trains on a CPU in minutes.
+# channels), and a mini one that trains on a CPU in minutes.
 PRESETS: dict[str, AutoencoderConfig] = {
     "sd": AutoencoderConfig(scaling_factor=0.18215, sample_size=512),
     "sdxl": AutoencoderConfig(scaling_factor=0.13025, sample_size=1024),
@@ -152,15 +153,24 @@ PRESETS: dict[str, AutoencoderConfig] = {
         latent_channels=32, patch_size=(2, 2), batch_norm_eps=1e-4, batch_norm_momentum=0.1,
         scaling_factor=1.0, shift_factor=0.0, sample_size=1024,
     ),
-    "tiny": AutoencoderConfig(
+    "mini": AutoencoderConfig(
         block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=4, norm_num_groups=16,
         scaling_factor=1.0, force_upcast=False, sample_size=128,
     ),
 }
 
 
+# Presets renamed since: the old name still works in configs and training checkpoints, with a warning.
+# (`tiny` became `mini`: "tiny autoencoder" means TAESD-style networks in the diffusion world.)
+RENAMED_PRESETS = {"tiny": "mini"}
+
+
 def preset(name: str, **overrides) -> AutoencoderConfig:
     """The config of a named architecture, with optional field overrides."""
+    if name in RENAMED_PRESETS:
+        warnings.warn(f"the preset {name!r} is now called {RENAMED_PRESETS[name]!r}; {name!r} will stop working in "
+                      "a later release", FutureWarning, stacklevel=2)
+        name = RENAMED_PRESETS[name]
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)

@@ -185,7 +185,7 @@ def evaluate(
         split: split of a datasets source.
         image_column: image column of a datasets source.
         num_workers: image decoding processes.
-        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for model files that carry no config.
         diagnostics: the latent diagnostics (`vaegan.metrics.diagnostics`): equivariance error, noise robustness, latent
             and image spectra (spectra.png), channel correlation. Four more decodes per image, one at full size
             and a quarter of one for the downscale; channel statistics are always measured.

@@ -105,7 +105,7 @@ def decode_latents(
         tile_size: decode in tiles of this many pixels; default: only images above 1024^2, so memory stays
             bounded.
         tiling: exact tiles decode what the untiled decoder would; blend is faster and approximate.
-        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for model files that carry no config.
         progress: show a progress bar, and a summary at the end.
     """
     if format not in IMAGE_FORMATS:

@@ -57,7 +57,7 @@ class EncodeJob:
         tile_size: encode in tiles of this many pixels; default: only images above 1024^2.
         tiling: exact tiles encode what the untiled encoder would; blend is faster and approximate.
         compile: torch.compile the encoder (one graph per shape).
-        preset: architecture preset (sd, sdxl, sd3, flux, tiny) for model files that carry no config.
+        preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for model files that carry no config.
         scaling_factor: override the VAE's scaling factor.
         shift_factor: override the VAE's shift factor.
         progress: show a progress bar with images/s, and a summary at the end.

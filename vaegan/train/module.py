@@ -81,7 +81,7 @@ class VAEGAN(L.LightningModule):
     """Train (or fine-tune) an `AutoencoderKL` with the latent-diffusion objective.
 
     Args:
-        arch: preset of the autoencoder to train from scratch (`sd`, `sdxl`, `sd3`, `flux`, `tiny`).
+        arch: preset of the autoencoder to train from scratch (`sd`, `sdxl`, `sd3`, `flux`, `flux2`, `mini`).
         latent_channels: overrides the preset's latent channels (e.g. 16 for a Flux-like codec).
         block_out_channels: overrides the preset's level widths; n widths make an f 2^(n-1) autoencoder, e.g.
             (128, 128, 256, 256, 512) with 32 latent channels is VA-VAE's f16c32.
@@ -150,7 +150,7 @@ class VAEGAN(L.LightningModule):
 
     def __init__(
         self,
-        arch: str = "tiny",
+        arch: str = "mini",
         latent_channels: int | None = None,
         block_out_channels: tuple[int, ...] | None = None,
         init_from: str | None = None,
