@@ -16,12 +16,12 @@ fi
 [[ -d runs/demo/vae ]] || { echo "runs/demo/vae is missing: run scripts/demo.sh first" >&2; exit 1; }
 
 declare -A RECIPE=(
-  [plain]="configs/demo-eq.yaml --model.eq_weight 0"
+  [plain]="configs/demo-eq.yaml --model.eq.weight 0"
   [eq]="configs/demo-eq.yaml"
-  [se]="configs/demo-eq.yaml --model.eq_weight 0 --model.se_weight 1"
-  [noise]="configs/demo-eq.yaml --model.eq_weight 0 --model.noise_weight 1"
-  [align]="configs/demo-eq.yaml --model.eq_weight 0 --model.align_weight 0.1 --model.align_backbone alexnet --model.align_lr 1e-2 --model.align_center_features true"
-  [scratch-plain]="configs/demo-align.yaml --model.align_weight 0"
+  [se]="configs/demo-eq.yaml --model.eq.weight 0 --model.se.weight 1"
+  [noise]="configs/demo-eq.yaml --model.eq.weight 0 --model.noise.weight 1"
+  [align]="configs/demo-eq.yaml --model.eq.weight 0 --model.align.weight 0.1 --model.align.backbone alexnet --model.align.lr 1e-2 --model.align.center_features true"
+  [scratch-plain]="configs/demo-align.yaml --model.align.weight 0"
   [scratch-align]="configs/demo-align.yaml"
 )
 ORDER=(plain eq se noise align scratch-plain scratch-align)

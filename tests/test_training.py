@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 import vaegan
 from vaegan.train.data import ImageDataModule
 from vaegan.train.module import VAEGAN
+from vaegan.train.regularizer_options import Alignment, Equivariance, LatentNoise, ScaleEquivariance
 
 from conftest import bsds_photos
 
@@ -155,8 +156,8 @@ def test_compiled_training_follows_the_eager_run(assets, tmp_path):
 # Every regulariser on, their schedules crossing the interruption below: EQ-VAE on half the batches until batch 5,
 # scale equivariance throughout, latent noise from batch 1, alignment to AlexNet's features ramped in over 3.
 REGULARIZED = dict(
-    eq_weight=1.0, eq_end=5, se_weight=0.5, noise_weight=0.5, noise_start=1, align_weight=0.1, align_ramp=3,
-    align_backbone="alexnet", align_image_size=64,
+    eq=Equivariance(weight=1.0, end=5), se=ScaleEquivariance(weight=0.5), noise=LatentNoise(weight=0.5, start=1),
+    align=Alignment(weight=0.1, ramp=3, backbone="alexnet", image_size=64),
 )
 
 
@@ -256,24 +257,24 @@ def read_metrics(log_dir: Path) -> list[dict[str, str]]:
 
 def test_the_alignment_projection_learns_at_its_own_rate(assets):
     # One optimizer for the autoencoder and the projection, two learning rates; the schedule scales both.
-    module = VAEGAN(**FAST, align_weight=0.1, align_backbone="alexnet", align_image_size=64, align_lr=1e-2)
+    module = VAEGAN(**FAST, align=Alignment(weight=0.1, backbone="alexnet", image_size=64, lr=1e-2))
     (generator, _), _ = module.configure_optimizers()
     autoencoder, projection = generator.param_groups
     assert autoencoder["initial_lr"] == 1e-3 and projection["initial_lr"] == 1e-2  # before the warm-up's factor
     assert projection["lr"] == 10 * autoencoder["lr"]
     assert {id(p) for p in projection["params"]} == {id(p) for p in module.align_projection.parameters()}
-    (generator, _), _ = VAEGAN(**FAST, align_weight=0.1, align_backbone="alexnet", align_image_size=64
+    (generator, _), _ = VAEGAN(**FAST, align=Alignment(weight=0.1, backbone="alexnet", image_size=64)
                                ).configure_optimizers()
     assert [group["initial_lr"] for group in generator.param_groups] == [1e-3, 1e-3]
 
 
 def test_regularizer_settings_are_checked_at_construction(tmp_path):
-    with pytest.raises(ValueError, match="eq_probability"):
-        VAEGAN(**FAST, eq_weight=1.0, eq_probability=1.5)
+    with pytest.raises(ValueError, match=r"eq\.probability=1\.5"):
+        VAEGAN(**FAST, eq=Equivariance(weight=1.0, probability=1.5))
     with pytest.raises(ValueError, match="train_decoder_only freezes the encoder"):
-        VAEGAN(**FAST, align_weight=0.1, align_backbone="alexnet", train_decoder_only=True)
+        VAEGAN(**FAST, align=Alignment(weight=0.1, backbone="alexnet"), train_decoder_only=True)
     with pytest.raises(ValueError, match="se: the schedule"):
-        VAEGAN(**FAST, se_weight=1.0, se_start=10, se_end=5)
+        VAEGAN(**FAST, se=ScaleEquivariance(weight=1.0, start=10, end=5))
 
 
 def test_a_missing_alignment_backbone_stops_the_run_and_names_the_file(assets, tmp_path, monkeypatch):
@@ -281,4 +282,4 @@ def test_a_missing_alignment_backbone_stops_the_run_and_names_the_file(assets, t
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     lpips = str(assets / "lpips" / "squeezenet1_1_features.safetensors")
     with pytest.raises(RuntimeError, match=f"{tmp_path}/alexnet_features.safetensors does not exist"):
-        VAEGAN(**FAST, perceptual_weights_file=lpips, align_weight=0.1, align_backbone="alexnet")
+        VAEGAN(**FAST, perceptual_weights_file=lpips, align=Alignment(weight=0.1, backbone="alexnet"))

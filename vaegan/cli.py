@@ -123,12 +123,14 @@ def command(name: str) -> Callable:
 
 
 def run_lightning(argv: list[str]) -> None:
+    import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
     from vaegan.formats.checkpoints import check_complete
     from vaegan.train.data import ImageDataModule
     from vaegan.train.module import VAEGAN, TrainingDiverged
+    from vaegan.train.regularizer_options import migrate_flat_options
 
     class CLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -140,6 +142,20 @@ def run_lightning(argv: list[str]) -> None:
             if ckpt_path and Path(ckpt_path).is_file():
                 check_complete(ckpt_path)
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI puts the checkpoint's hyperparameters over the config here (the settings that shape
+            # the networks come from the checkpoint). One written before the regulariser options were grouped
+            # holds them flat: they are moved into their groups first, as in the configs of that time.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+            hparams.pop("_instantiator", None)
+            if hparams:
+                hparams = migrate_flat_options(hparams, ckpt_path)
+                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     use_wandb_offline_unless_logged_in()
     # `args` is the command line on purpose (without --debug), which Lightning warns about when it runs from one.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
@@ -147,13 +163,54 @@ def run_lightning(argv: list[str]) -> None:
         CLI(
             VAEGAN,
             ImageDataModule,
-            args=argv,
+            args=migrate_flat_arguments(argv),
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"default_env": False},
         )
     except (TrainingDiverged, MisconfigurationException) as error:
         raise CommandFailed(str(error)) from error
+
+
+def migrate_flat_arguments(argv: list[str]) -> list[str]:
+    """`fit`/`validate` arguments with the flat regulariser options of older configs and command lines moved into
+    their groups (`--model.eq_weight 1` -> `--model.eq.weight 1`; a config file's `model: {eq_weight: 1}` is
+    passed on as its migrated text), each source warned about once."""
+    from vaegan.train.regularizer_options import flat_key_target, warn_flat_options
+
+    migrated, flat = [], []
+    arguments = iter(argv)
+    for argument in arguments:
+        option, equals, value = argument.partition("=")
+        if option in ("--config", "-c"):
+            path = value if equals else next(arguments, "")
+            migrated += [option, migrate_config_file(path)]
+            continue
+        target = flat_key_target(option.removeprefix("--model.")) if option.startswith("--model.") else None
+        if target:
+            flat.append(option)
+            option = "--model." + ".".join(target)
+        migrated.append(option + equals + value if equals else option)
+    if flat:
+        warn_flat_options(flat, "the command line")
+    return migrated
+
+
+def migrate_config_file(path: str) -> str:
+    """The config file `path` as given, or its text with the flat regulariser options moved into their groups."""
+    import yaml
+
+    from vaegan.train.regularizer_options import migrate_flat_options
+
+    config_file = Path(path)
+    if not config_file.is_file():
+        return path  # a YAML string, or a missing file that jsonargparse names
+    config = yaml.safe_load(config_file.read_text())
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return path
+    migrated = migrate_flat_options(model, path)
+    return path if migrated is model else yaml.safe_dump({**config, "model": migrated}, sort_keys=False)
 
 
 # The run length is VAEGAN's `max_batches` (Lightning's step counter counts each of the two optimizers).

@@ -43,7 +43,7 @@ Tiling = Literal["exact", "blend"]
 
 # 512-px tiles (64 latent pixels): the size the SD decoders' memory is usually quoted at, and the attention in
 # the middle block still sees a 64x64 neighbourhood; 128 px of overlap (25 %) is where the seam error of a tiled
-# decode stops improving much (scripts/benchmark_codec.py --overlaps prints it).
+# decode stops improving much (benchmarks/codec.py --overlaps prints it).
 DEFAULT_TILE_SIZE = 512
 DEFAULT_TILE_OVERLAP = 128
 # Above this many output pixels tiling starts by itself: an untiled SD decode's activations grow with the image
@@ -95,8 +95,8 @@ class Codec:
             compile: `torch.compile` the untiled and blended encoder and decoder passes (one shape per tile
                 size); exact tiling runs eagerly.
             channels_last: run convolutions on NHWC tensors; None: on a CPU only. With oneDNN on CPUs NHWC is
-                faster; on an H200 (bf16, cuDNN 9.19) the SD VAE ran 23-33 % slower in it than in NCHW at 512²
-                and 1024² (`scripts/benchmark_codec.py` measures both: docs/gpu/2026-11-29-h200).
+                faster; with cuDNN in bf16 the SD VAE measured slower in it than in NCHW (`benchmarks/codec.py`
+                measures both; the GPU benchmark page has the figures).
         """
         config = vae.config
         self.factor = config.downsampling_factor

@@ -268,7 +268,7 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor, kernel: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, h, w) -> (B, C, 2h, 2w). `kernel`: `self.transposed_kernel()`, from callers that upsample
-        many tiles with unchanging weights (folding it for every tile took 2 % of an exact tiled decode)."""
+        many tiles with unchanging weights (folding it once per pass, not once per tile)."""
         kernel = self.transposed_kernel() if kernel is None else kernel
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 

@@ -21,6 +21,7 @@ optimizer, schedule and EMA stay as they were), which is counted and logged with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from vaegan.formats.load import load
 from vaegan.images.convert import to_uint8
 from vaegan.metrics.reconstruction import psnr, ssim
 from vaegan.pretrained.lpips import PerceptualLoss
-from vaegan.pretrained.vision import VisionBackbone, VisionFeatures
+from vaegan.pretrained.vision import VisionFeatures
 from vaegan.reporting.grids import reconstruction_grid, save_grid
 from vaegan.train.discriminator import PatchDiscriminator
 from vaegan.train.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients, on_every_rank
@@ -52,6 +53,7 @@ from vaegan.train.losses import (
     nll_loss,
     reconstruction_loss,
 )
+from vaegan.train.regularizer_options import GROUPS, Alignment, Equivariance, LatentNoise, ScaleEquivariance
 from vaegan.train.regularizers import (
     eq_vae_transform,
     equivariance_loss,
@@ -104,32 +106,12 @@ class VAEGAN(L.LightningModule):
             decoder's last layer (LDM); else a constant weight (LiteVAE's choice under mixed precision).
         gan_loss: `hinge` (LDM), `vanilla` or `non_saturating`.
         disc_layers, disc_channels, disc_norm, disc_spectral_norm: the PatchGAN's shape.
-        eq_weight: weight of EQ-VAE's equivariance term d(D(τ·z), τ·x) (0: off), d being the pixel loss plus the
-            weighted LPIPS; `eq_start`, `eq_ramp` and `eq_end` schedule it in batches (see
-            `regularizers.term_schedule`), as for every regulariser below.
-        eq_probability: chance per batch that the term is applied (0.5 in EQ-VAE, whose code trains on the
-            transformed pair *instead of* the plain one on those batches; here it is added beside it).
-        eq_min_scale: τ's downscale s is drawn from [eq_min_scale, 1).
-        eq_scale, eq_rotate: the parts of τ: a downscale and a 90° rotation, together as in EQ-VAE, or one alone.
-        se_weight, se_start, se_ramp, se_end: scale equivariance, d(D(↓z), ↓x) every batch (0: off).
-        se_factors: the downsampling factors ↓ is drawn from.
-        noise_weight, noise_start, noise_ramp, noise_end: latent noise, d(D(z + σ·ε), x) (0: off).
-        noise_sigma: σ = |N(0, noise_sigma²)| times the image's latent std.
-        align_weight, align_start, align_ramp, align_end: VA-VAE's alignment of the latents to a frozen vision
-            model (0: off); 0.1 in VA-VAE, multiplying the adaptive weight.
-        align_backbone: the vision model (DINOv2 needs `timm`; AlexNet, SqueezeNet and VGG16 use the LPIPS
-            weight files); its weights are looked up as `vaegan.pretrained.vision` describes, a missing file stops
-            the run.
-        align_weights_file: the backbone's weights; else `$VAEGAN_WEIGHTS_DIR`, else the hub/torchvision cache.
-        allow_random_align_backbone: permit a random backbone when no weights exist (only for smoke tests).
-        align_image_size: images are resized to this side for the backbone (224: DINOv2's 16x16 patch grid).
-        align_margin_cosine, align_margin_distance: VA-VAE's margins m1 and m2.
-        align_center_features: align to the features minus the batch's mean feature (see `regularizers.vf_loss`): for
-            the CNN backbones, whose ReLU features share one direction that the projection's bias alone matches.
-        align_adaptive: weigh the alignment against the reconstruction's gradient at the encoder's last layer
-            (VA-VAE); else `align_weight` is the weight.
-        align_lr: learning rate of the 1x1 projection (default: `lr`). A fresh projection beside a trained VAE
-            (a short fine-tune) needs a larger one to line up before its gradient says much to the encoder.
+        eq: EQ-VAE's equivariance term (`--model.eq.weight`, `.probability`, ...; see
+            `vaegan.train.regularizer_options` for each group's options). Every group is off by default and
+            scheduled in batches by its `start`, `ramp` and `end`.
+        se: scale equivariance, d(D(↓z), ↓x).
+        noise: latent noise, d(D(z + σ·ε), x).
+        align: VA-VAE's alignment of the latents to a frozen vision model.
         lr, disc_lr: learning rates of autoencoder and discriminator (`disc_lr` defaults to `lr`).
         betas: Adam betas; (0.5, 0.9) as in LDM.
         optimizer: `adam` or `adamw`; `weight_decay` applies to both.
@@ -143,7 +125,7 @@ class VAEGAN(L.LightningModule):
         max_bad_steps: updates in a row of one network with a loss or gradients that are not finite (each one
             skipped) after which the run stops; a few in a row happen when fp16's loss scale is calibrated.
         channels_last: run the networks in channels_last memory format. Off by default: it did not help training
-            on CPUs, and on an H200 in bf16-mixed it made the SD VAE's training 16 % slower (docs/gpu).
+            on CPUs, and made it slower on a GPU in bf16-mixed (the GPU benchmark page has the figures).
         compile: `torch.compile` the encoder, the decoder and the discriminator.
         grid_images: validation images shown in the reconstruction grid.
     """
@@ -172,37 +154,10 @@ class VAEGAN(L.LightningModule):
         disc_channels: int = 64,
         disc_norm: Literal["batch", "group", "none"] = "group",
         disc_spectral_norm: bool = False,
-        eq_weight: float = 0.0,
-        eq_start: int = 0,
-        eq_ramp: int = 0,
-        eq_end: int | None = None,
-        eq_probability: float = 0.5,
-        eq_min_scale: float = 0.25,
-        eq_scale: bool = True,
-        eq_rotate: bool = True,
-        se_weight: float = 0.0,
-        se_start: int = 0,
-        se_ramp: int = 0,
-        se_end: int | None = None,
-        se_factors: tuple[int, ...] = (2, 4),
-        noise_weight: float = 0.0,
-        noise_start: int = 0,
-        noise_ramp: int = 0,
-        noise_end: int | None = None,
-        noise_sigma: float = 0.3,
-        align_weight: float = 0.0,
-        align_start: int = 0,
-        align_ramp: int = 0,
-        align_end: int | None = None,
-        align_backbone: VisionBackbone = "dinov2_vitl14",
-        align_weights_file: str | None = None,
-        allow_random_align_backbone: bool = False,
-        align_image_size: int = 224,
-        align_margin_cosine: float = 0.5,
-        align_margin_distance: float = 0.25,
-        align_center_features: bool = False,
-        align_adaptive: bool = True,
-        align_lr: float | None = None,
+        eq: Equivariance = Equivariance(),
+        se: ScaleEquivariance = ScaleEquivariance(),
+        noise: LatentNoise = LatentNoise(),
+        align: Alignment = Alignment(),
         lr: float = 1e-4,
         disc_lr: float | None = None,
         betas: tuple[float, float] = (0.5, 0.9),
@@ -223,6 +178,12 @@ class VAEGAN(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.eq, self.se, self.noise, self.align = (
+            Equivariance.of(eq), ScaleEquivariance.of(se), LatentNoise.of(noise), Alignment.of(align)
+        )
+        # Checkpoints hold plain containers only (they are read with weights_only=True): the groups as dicts.
+        for name in GROUPS:
+            self.hparams[name] = dataclasses.asdict(getattr(self, name))
 
         if init_from is not None:
             self.vae = load(init_from)
@@ -249,13 +210,17 @@ class VAEGAN(L.LightningModule):
             net=perceptual_net, weights=perceptual_weights_file, allow_random_backbone=allow_random_perceptual
         )
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
-        _check_regularizers(self.hparams)
+        for name in GROUPS:
+            getattr(self, name).check(name)
+        if self.align.weight > 0 and train_decoder_only:
+            raise ValueError("align.weight > 0 aligns the encoder's latents, but train_decoder_only freezes the "
+                             "encoder")
         # VA-VAE's alignment: a frozen vision model (out of checkpoints, like LPIPS) and the 1x1 projection of the
         # latents to its feature width, trained with the autoencoder and left behind at export.
         self.vision, self.align_projection = None, None
-        if align_weight > 0:
-            self.vision = VisionFeatures(align_backbone, align_weights_file, align_image_size,
-                                         allow_random=allow_random_align_backbone)
+        if self.align.weight > 0:
+            self.vision = VisionFeatures(self.align.backbone, self.align.weights_file, self.align.image_size,
+                                         allow_random=self.align.allow_random_backbone)
             self.align_projection = torch.nn.Conv2d(self.vae.config.latent_channels, self.vision.dim, 1)
         # Counted here rather than read from the Trainer: see the module docstring.
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
@@ -311,7 +276,7 @@ class VAEGAN(L.LightningModule):
             generator_params.append(self.logvar)
         groups = [{"params": generator_params}]
         if self.align_projection is not None:
-            groups.append({"params": list(self.align_projection.parameters()), "lr": hp.align_lr or hp.lr})
+            groups.append({"params": list(self.align_projection.parameters()), "lr": self.align.lr or hp.lr})
         optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
         opt_g = optimizer_class(groups, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         opt_d = optimizer_class(
@@ -386,41 +351,34 @@ class VAEGAN(L.LightningModule):
     def _add_regularizers(self, losses: dict[str, torch.Tensor], images: torch.Tensor, latents: torch.Tensor,
                           batch_number: int) -> None:
         """Add each switched-on diffusability regulariser, times its scheduled weight, to `losses["loss"]`."""
-        hp = self.hparams
+        eq, se, noise, align = self.eq, self.se, self.noise, self.align
         decode = self.vae.decode
         terms: dict[str, tuple[torch.Tensor | None, torch.Tensor | float]] = {}  # name -> (value, weight)
-        if hp.eq_weight > 0 and (factor := term_schedule(batch_number, hp.eq_start, hp.eq_ramp, hp.eq_end)):
+        if eq.weight > 0 and (factor := term_schedule(batch_number, eq.start, eq.ramp, eq.end)):
             generator = self.rng("eq", device="cpu")
-            if float(torch.rand((), generator=generator)) < hp.eq_probability:
-                transform = eq_vae_transform(tuple(latents.shape[-2:]), generator, hp.eq_min_scale, hp.eq_scale,
-                                             hp.eq_rotate)
-                terms["eq"] = (equivariance_loss(decode, latents, images, transform, self.distance),
-                               hp.eq_weight * factor)
+            if float(torch.rand((), generator=generator)) < eq.probability:
+                transform = eq_vae_transform(tuple(latents.shape[-2:]), generator, eq.min_scale, eq.scale, eq.rotate)
+                terms["eq"] = (equivariance_loss(decode, latents, images, transform, self.distance), eq.weight * factor)
             else:
                 terms["eq"] = (None, 0.0)
-        if hp.se_weight > 0 and (factor := term_schedule(batch_number, hp.se_start, hp.se_ramp, hp.se_end)):
+        if se.weight > 0 and (factor := term_schedule(batch_number, se.start, se.ramp, se.end)):
             generator = self.rng("se", device="cpu")
-            transform = scale_equivariance_transform(tuple(latents.shape[-2:]), generator, tuple(hp.se_factors))
-            terms["se"] = (equivariance_loss(decode, latents, images, transform, self.distance),
-                           hp.se_weight * factor)
-        if hp.noise_weight > 0 and (
-            factor := term_schedule(batch_number, hp.noise_start, hp.noise_ramp, hp.noise_end)
-        ):
+            transform = scale_equivariance_transform(tuple(latents.shape[-2:]), generator, tuple(se.factors))
+            terms["se"] = (equivariance_loss(decode, latents, images, transform, self.distance), se.weight * factor)
+        if noise.weight > 0 and (factor := term_schedule(batch_number, noise.start, noise.ramp, noise.end)):
             generator = self.rng("noise")
-            terms["noise"] = (latent_noise_loss(decode, latents, images, generator, hp.noise_sigma, self.distance),
-                              hp.noise_weight * factor)
-        if hp.align_weight > 0 and (
-            factor := term_schedule(batch_number, hp.align_start, hp.align_ramp, hp.align_end)
-        ):
+            terms["noise"] = (latent_noise_loss(decode, latents, images, generator, noise.sigma, self.distance),
+                              noise.weight * factor)
+        if align.weight > 0 and (factor := term_schedule(batch_number, align.start, align.ramp, align.end)):
             with torch.no_grad():
                 features = self.vision(images)  # (B, D, g, g)
-            vf = vf_loss(self.align_projection(latents), features, hp.align_margin_cosine, hp.align_margin_distance,
-                         hp.align_center_features)
-            align = vf.margin_cosine + vf.margin_distance
-            weight = hp.align_weight * factor
-            if hp.align_adaptive:
-                weight = weight * adaptive_weight(losses["nll"], align, self.vae.encoder.conv_out.weight)
-            terms["align"] = (align, weight)
+            vf = vf_loss(self.align_projection(latents), features, align.margin_cosine, align.margin_distance,
+                         align.center_features)
+            value = vf.margin_cosine + vf.margin_distance
+            weight = align.weight * factor
+            if align.adaptive:
+                weight = weight * adaptive_weight(losses["nll"], value, self.vae.encoder.conv_out.weight)
+            terms["align"] = (value, weight)
             losses["align_cosine"] = vf.mean_cosine
         for name, (value, weight) in terms.items():
             weight = torch.as_tensor(weight, dtype=torch.float32, device=images.device)
@@ -655,24 +613,3 @@ class VAEGAN(L.LightningModule):
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
-
-
-def _check_regularizers(hp) -> None:
-    """Refuse regulariser settings that cannot work, before any batch runs."""
-    if not 0.0 <= hp.eq_probability <= 1.0:
-        raise ValueError(f"eq_probability={hp.eq_probability} must be in [0, 1]")
-    if not 0.0 < hp.eq_min_scale < 1.0:
-        raise ValueError(f"eq_min_scale={hp.eq_min_scale} must be in (0, 1)")
-    if hp.eq_weight > 0 and not (hp.eq_scale or hp.eq_rotate):
-        raise ValueError("eq_weight > 0 needs eq_scale or eq_rotate")
-    if hp.se_weight > 0 and (not hp.se_factors or min(hp.se_factors) < 2):
-        raise ValueError(f"se_factors={hp.se_factors} must be downsampling factors of at least 2")
-    if hp.noise_weight > 0 and hp.noise_sigma <= 0:
-        raise ValueError(f"noise_sigma={hp.noise_sigma} must be positive")
-    if hp.align_weight > 0 and hp.train_decoder_only:
-        raise ValueError("align_weight > 0 aligns the encoder's latents, but train_decoder_only freezes the encoder")
-    for name in ("eq", "se", "noise", "align"):
-        start, ramp, end = hp[f"{name}_start"], hp[f"{name}_ramp"], hp[f"{name}_end"]
-        if start < 0 or ramp < 0 or (end is not None and end < start):
-            raise ValueError(f"{name}: the schedule needs 0 <= {name}_start <= {name}_end and {name}_ramp >= 0, "
-                             f"got start {start}, ramp {ramp}, end {end}")
