@@ -6,9 +6,9 @@ baseline; on CUDA max_memory_allocated above the loaded models, in this process)
 untiled output on a real photo, and the peak memory of a 2048^2 decode. Random weights for speed and memory, which
 do not depend on training; seams need a trained VAE (--model).
 
-    python scripts/benchmark_codec.py --arch sd --sizes 256 --repeats 3 --json bench.json
-    python scripts/benchmark_codec.py --seams --model runs/demo/vae --sizes
-    python scripts/benchmark_codec.py --arch sd --memory-2048 --sizes
+    python benchmarks/codec.py --arch sd --sizes 256 --repeats 3 --json bench.json
+    python benchmarks/codec.py --seams --model runs/demo/vae --sizes
+    python benchmarks/codec.py --arch sd --memory-2048 --sizes
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ images, since nothing else can happen meanwhile). The latents of the two are com
 workers only read JPEG headers and the encoding process decodes the batch on its device (nvjpeg on CUDA). Its
 decoding time counts as encoding, not as waiting for data; compare the img/s.
 
-    python scripts/benchmark_encode.py --arch mini --images ../shared/assets/bsds500/train --max-images 48
-    python scripts/benchmark_encode.py --arch sd --resolution 256 --device cuda --dtype bf16 --max-images 2000 \\
+    python benchmarks/encode.py --arch mini --images ../shared/assets/bsds500/train --max-images 48
+    python benchmarks/encode.py --arch sd --resolution 256 --device cuda --dtype bf16 --max-images 2000 \\
         --num-workers 8 --decode-jpeg both --json bench.json
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmark_codec import synchronize
+from codec import synchronize
 
 import vaegan
 from vaegan.images.crops import resize_center_crop

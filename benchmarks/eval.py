@@ -11,7 +11,7 @@ reconstruction), every metric is computed by vaegan and by its reference:
 It prints throughput (images/s, median of repeats, the two sides alternated) and the largest per-image
 difference between the two values, and writes the table as JSON.
 
-    python scripts/benchmark_eval.py --images 16 --resolution 256 --json bench_eval.json
+    python benchmarks/eval.py --images 16 --resolution 256 --json bench_eval.json
 """
 
 from __future__ import annotations

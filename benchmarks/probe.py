@@ -12,8 +12,8 @@ Steps are timed after a warm-up, alternating the two sides over repeats; the med
 with the largest difference between the two loss trajectories (they should agree to rounding: the same
 computation). The latents are random normal numbers, which costs the same as real ones.
 
-    python scripts/benchmark_probe.py                                  # the CPU default of `vaegan probe`
-    python scripts/benchmark_probe.py --device cuda --width 768 --depth 12 --heads 12 --batch-size 256 \\
+    python benchmarks/probe.py                                  # the CPU default of `vaegan probe`
+    python benchmarks/probe.py --device cuda --width 768 --depth 12 --heads 12 --batch-size 256 \\
         --latent-shape 4 32 32 --precision bf16-mixed                  # configs/probe-dit-b.yaml's scale
 """
 

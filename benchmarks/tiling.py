@@ -7,9 +7,9 @@ Linux), and the image, from which PSNR against the untiled decode is computed. R
 implementations, so drift (thermal, neighbours) hits all alike; times and memory are medians over rounds.
 Random weights by default, with random latents; a trained VAE (--model) decodes the latents of a real photo.
 
-    python scripts/benchmark_tiling.py --arch sd --size 512 --tile 192 --repeats 3
-    python scripts/benchmark_tiling.py --model runs/demo/vae --size 1024 --tile 512 --repeats 3
-    python scripts/benchmark_tiling.py --arch sd --size 2048 --tile 128 --repeats 5 --budgets 1.5/fp16 \\
+    python benchmarks/tiling.py --arch sd --size 512 --tile 192 --repeats 3
+    python benchmarks/tiling.py --model runs/demo/vae --size 1024 --tile 512 --repeats 3
+    python benchmarks/tiling.py --arch sd --size 2048 --tile 128 --repeats 5 --budgets 1.5/fp16 \\
         --impls untiled exact
 """
 
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_codec import diffusers_tiling, diffusers_twin, operator_table, resident_memory
+from codec import diffusers_tiling, diffusers_twin, operator_table, resident_memory
 
 from vaegan import AutoencoderKL, Codec, load, preset
 from vaegan.autoencoder.exact_tiling import ExactTiling, decoder_graph

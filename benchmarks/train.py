@@ -19,10 +19,10 @@ offline), so the perceptual cost is identical. Training batches are random crops
 real photos (scikit-image's astronaut and coffee), so that speed is not bought with quality.
 
     VAEGAN_WEIGHTS_DIR=/work/shared/assets/lpips \
-        python scripts/benchmark_train.py --arch mini --resolution 64 --batch-size 4 --steps 6 --warmup 2
+        python benchmarks/train.py --arch mini --resolution 64 --batch-size 4 --steps 6 --warmup 2
     # the cost of each diffusability regulariser per batch, against the plain objective
-    python scripts/benchmark_train.py --arch mini --resolution 64 --batch-size 8 --regularizers eq se noise align
-    python scripts/benchmark_train.py --device cuda --arch sd --resolution 256 --batch-size 8 \
+    python benchmarks/train.py --arch mini --resolution 64 --batch-size 8 --regularizers eq se noise align
+    python benchmarks/train.py --device cuda --arch sd --resolution 256 --batch-size 8 \
         --precision 32 bf16-mixed --compile --channels-last --json train_bench.json
 """
 
@@ -179,21 +179,21 @@ def reconstruction_psnr(encode_decode, photos: torch.Tensor) -> float:
 
 
 # Each regulariser switched on at full weight from the first batch. EQ-VAE is applied on every batch here
-# (`eq_probability` 1), so its row is the cost of a batch that has it; at the paper's p = 0.5 it averages half.
+# (`eq.probability` 1), so its row is the cost of a batch that has it; at the paper's p = 0.5 it averages half.
 REGULARIZERS: dict[str, dict] = {
-    "eq": {"eq_weight": 1.0, "eq_probability": 1.0},
-    "se": {"se_weight": 1.0},
-    "noise": {"noise_weight": 1.0},
-    "align": {"align_weight": 0.1},
+    "eq": {"weight": 1.0, "probability": 1.0},
+    "se": {"weight": 1.0},
+    "noise": {"weight": 1.0},
+    "align": {"weight": 0.1},
 }
 
 
 def build_module(args, regularizer: str | None = None) -> VAEGAN:
     """The `VAEGAN` module under test, seeded so every variant starts from the same weights."""
     torch.manual_seed(0)
-    options = dict(REGULARIZERS[regularizer]) if regularizer else {}
+    options = {regularizer: dict(REGULARIZERS[regularizer])} if regularizer else {}
     if regularizer == "align":
-        options["align_backbone"] = args.align_backbone
+        options["align"]["backbone"] = args.align_backbone
     return VAEGAN(
         arch=args.arch,
         perceptual_net=args.perceptual_net,
@@ -434,7 +434,7 @@ def main() -> None:
     ]
     if args.regularizers:
         notes.append("regulariser rows: weight 1 (align: 0.1 x adaptive, backbone "
-                     f"{args.align_backbone}) from batch 0; eq on every batch (eq_probability 1)")
+                     f"{args.align_backbone}) from batch 0; eq on every batch (eq.probability 1)")
     for note in notes:
         print(f"  - {note}")
     if args.json:

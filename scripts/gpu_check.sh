@@ -11,7 +11,7 @@
 # is written from what was measured. VAEGAN_GPU_CHECK_IMAGES is the folder of JPEGs for dataset encoding.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-benchmarks/gpu}
+out=${1:-runs/gpu-check}
 budget=${VAEGAN_GPU_CHECK_SECONDS:-480}
 images=${VAEGAN_GPU_CHECK_IMAGES:-../shared/assets/bsds500/train}
 mkdir -p "$out"
@@ -77,8 +77,8 @@ print(info)
 PY
 
 # The two benchmarks that run more than once, with the settings their runs share.
-codec=(python scripts/benchmark_codec.py --arch "$arch" --device "$device" --tiled no --repeats "$repeats")
-train=(python scripts/benchmark_train.py --device "$device" --arch "$train_arch" --resolution "$train_size"
+codec=(python benchmarks/codec.py --arch "$arch" --device "$device" --tiled no --repeats "$repeats")
+train=(python benchmarks/train.py --device "$device" --arch "$train_arch" --resolution "$train_size"
   --batch-size "$train_batch" --steps "$train_steps" --warmup "$train_warmup" --precision "$train_precision")
 
 step codec-bf16 "${codec[@]}" --dtype bf16 --sizes $sizes $memory --json "$out/codec-bf16.json"
@@ -88,7 +88,7 @@ step train "${train[@]}" --json "$out/train.json"
 step codec-fp16 "${codec[@]}" --dtype fp16 --sizes $sizes --json "$out/codec-fp16.json"
 step fp16-fallback python scripts/fp16_fallback.py --arch "$arch" --device "$device" --size "$fallback_size" \
   --json "$out/fp16.json"
-step encode python scripts/benchmark_encode.py --arch "$arch" --device "$device" --dtype bf16 --images "$images" \
+step encode python benchmarks/encode.py --arch "$arch" --device "$device" --dtype bf16 --images "$images" \
   --max-images "$encode_images" --resolution "$encode_size" --batch-size "$encode_batch" --num-workers "$workers" \
   --decode-jpeg both --repeats "$encode_repeats" --json "$out/encode.json"
 # Compiling costs minutes of the budget, so the compiled rows come last, one size per step; on the H200 the

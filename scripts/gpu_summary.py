@@ -3,7 +3,7 @@ the fraction of the GPU's bf16 peak the SD VAE reaches at 512^2, the fp16 fallba
 reference loop, and dataset encoding with its share of time waiting for data. Prints the README's rows. A step
 that failed or was skipped (OUT/steps.tsv) leaves its part of the summary empty, and the summary says which.
 
-    python scripts/gpu_summary.py benchmarks/gpu
+    python scripts/gpu_summary.py runs/gpu-check
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""scripts/benchmark_tiling.py runs end to end at a toy size: its exact row equals the untiled decode, and its
+"""benchmarks/tiling.py runs end to end at a toy size: its exact row equals the untiled decode, and its
 profile names each row's operators."""
 
 import json
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_tiling_measures_exactness_and_profiles_each_row(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark_tiling.py"), "--arch", "tiny", "--size", "64",
+    command = [sys.executable, str(ROOT / "benchmarks" / "tiling.py"), "--arch", "mini", "--size", "64",
                "--tile", "32", "--repeats", "1", "--impls", "untiled", "exact", "--json", str(tmp_path / "t.json"),
                "--profile", str(tmp_path / "profile.txt")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
