@@ -264,7 +264,7 @@ class VAEGAN(L.LightningModule):
             # AutoencoderKL itself would only wrap its unused `forward`), and the discriminator. It is called
             # with its parameters frozen (the generator's step, differentiated twice for the adaptive weight)
             # and trainable (its own step): dynamo's guards keep one graph for each, and its gradients equal
-            # the eager ones after optimizer steps (tests/test_compiled_discriminator.py).
+            # the eager ones after optimizer steps (tests/train/test_compiled_discriminator.py).
             self.vae.encoder.compile()
             self.vae.decoder.compile()
             self.discriminator.compile()

@@ -20,7 +20,7 @@ from vaegan.train.regularizer_options import Alignment, Equivariance, LatentNois
 
 from conftest import bsds_photos
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FAST = dict(
     arch="mini", perceptual_net="squeeze", perceptual_weight=0.5, lr=1e-3, disc_lr=2e-4, lr_warmup=10,
@@ -140,10 +140,11 @@ def test_compiled_training_follows_the_eager_run(assets, tmp_path):
         torch.testing.assert_close(initial[True][name], start, rtol=0, atol=0)
     assert modules[True].discriminator._compiled_call_impl is not None
     # Measured (encoder, decoder and discriminator compiled): 0.9 % (autoencoder), 0.4 % (discriminator), 0.01 %
-    # (log-variance); 1.75 %, 0.49 %, 0.04 % with OMP_NUM_THREADS=1. Compiling the discriminator too changes
-    # them by under 0.01 % of the update: its gradients equal eager ones to rounding
-    # (tests/test_compiled_discriminator.py); the rest is the autoencoder's rounding, amplified by Adam.
-    for network, bound in (("vae.", 0.05), ("discriminator.", 0.02), ("logvar", 0.01)):
+    # (log-variance); 1.75 %, 0.49 %, 0.04 % with OMP_NUM_THREADS=1; on an AVX-512 CPU with two threads the
+    # discriminator's is 2.4 %. Compiling the discriminator too changes them by under 0.01 % of the update: its
+    # gradients equal eager ones to rounding (tests/train/test_compiled_discriminator.py); the rest is the
+    # autoencoder's rounding, which reaches the discriminator through the reconstructions, amplified by Adam.
+    for network, bound in (("vae.", 0.05), ("discriminator.", 0.05), ("logvar", 0.01)):
         names = [name for name in initial[False] if name.startswith(network)]
         eager, compiled = (
             torch.cat([(modules[c].state_dict()[n].float() - initial[c][n].float()).flatten() for n in names])

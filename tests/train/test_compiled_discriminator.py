@@ -7,7 +7,7 @@ each network in place, and the discriminator's own pass with its parameters trai
 discriminator is called alternately under two `requires_grad` states (two graphs, chosen by dynamo's guards)
 and with parameters that the optimizer has changed in place since the last call. The training module once kept
 the discriminator eager after a compiled run's updates differed by 112 %; with torch 2.14.1 neither this nor the
-whole training run (tests/test_training.py) shows a difference beyond rounding.
+whole training run (tests/train/test_training.py) shows a difference beyond rounding.
 """
 
 import pytest

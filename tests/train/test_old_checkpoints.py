@@ -1,4 +1,4 @@
-"""A run made before the subpackage layout (tests/assets/pre-layout: the flat package, flat regulariser options,
+"""A run made before the subpackage layout (tests/train/assets/pre-layout: the flat package, flat regulariser options,
 the `tiny` preset) resumes with today's code and ends bit for bit where the old code's uninterrupted run ended,
 and exports to the same VAE file."""
 

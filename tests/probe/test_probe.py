@@ -24,7 +24,7 @@ from vaegan.utils.seeds import seeded_generator
 
 from conftest import skimage_photos
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A probe small enough for a test: 24 photos at 32^2 (f4: 4x8x8 latents), a one-block DiT.
 SMALL = dict(resolution=32, width=32, depth=1, heads=2, batch_size=8, lr=1e-3, lr_warmup=5, val_every=10,
              checkpoint_every=10, samples=24, sampling_steps=4, distance="alex", progress=False)
