@@ -40,6 +40,19 @@ def test_convert_names_the_bad_file_in_one_line(tmp_path, capsys):
         main(["convert", str(bad), str(tmp_path / "out"), "--to", "diffusers", "--debug"])
 
 
+@pytest.mark.parametrize("format, name", [("single-file", "vae.safetensors"), ("diffusers", "vae")])
+def test_export_of_a_vae_points_to_convert(tmp_path, capsys, format, name):
+    vae = vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path / name, format=format)
+    with pytest.raises(SystemExit) as exited:
+        main(["export", str(vae), str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"vaegan export: error: {vae} is a VAE, not a training checkpoint: `vaegan convert {vae} OUTPUT --to "
+        "diffusers` (or --to single-file) writes it in another format\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_lpips_weights_end_eval_with_one_line_and_status_2(tmp_path):
     # The first thing a new user meets without $VAEGAN_WEIGHTS_DIR, run as they run it.
     model = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path / "vae")

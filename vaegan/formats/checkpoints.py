@@ -1,4 +1,6 @@
-"""Training checkpoints on disk: written whole or not at all, and refused by name when they are not whole.
+"""Training checkpoints on disk: written whole or not at all, refused by name when they are not whole, and read
+for what they hold (the autoencoder's weights, what it was trained on). This module is the one that knows how a
+vaegan training checkpoint (a Lightning checkpoint) is laid out; it does not import Lightning.
 
 A checkpoint is written to a temporary file beside its target, flushed to disk, then renamed over it: a run
 killed while writing (`kill -9`, a preempted machine) leaves the previous checkpoint as it was, and at worst a
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from vaegan.utils.files import write_file_atomically
 
@@ -71,23 +72,37 @@ def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})")
 
 
-class WholeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer and reader, for local files through `vaegan.formats.checkpoints`: a checkpoint is
-    renamed into place only once whole, and one that is not whole is refused with a message naming it."""
+# Where a vaegan training checkpoint keeps what export and `vaegan.load` read: Lightning's module state and
+# datamodule arguments, and our architecture config (`vaegan.formats.naming.METADATA_KEY` names the latter).
+STATE_KEY = "state_dict"
+DATA_KEY = "datamodule_hyper_parameters"
+# The module's state: the trained autoencoder and its EMA.
+WEIGHT_PREFIXES = {"model": "vae.", "ema": "ema."}
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        save_checkpoint(checkpoint, path)
 
-    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        # Tensors and plain containers only: nothing in a checkpoint is unpickled as code.
-        weights_only = True if weights_only is None else weights_only
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location, weights_only)
-        check_complete(path)
-        try:
-            return super().load_checkpoint(path, map_location, weights_only)
-        except Exception as error:  # zip, pickle and unpickler errors of a damaged file come in many types
-            raise unreadable(path, error) from error
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A whole checkpoint's contents, tensors memory-mapped, nothing unpickled but plain containers."""
+    check_complete(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # zip, pickle and unpickler errors of a damaged file come in many types
+        raise unreadable(path, error) from error
+
+
+def training_weights(checkpoint: dict[str, Any], path: str | os.PathLike, weights: str | None) -> dict[str, Any]:
+    """The autoencoder's tensors in a vaegan training checkpoint: its EMA when it kept one, unless `weights`
+    ("ema" or "model") says which."""
+    state = checkpoint.get(STATE_KEY, {})
+    has_ema = any(key.startswith(WEIGHT_PREFIXES["ema"]) for key in state)
+    weights = weights or ("ema" if has_ema else "model")
+    if weights not in WEIGHT_PREFIXES:
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if weights == "ema" and not has_ema:
+        raise ValueError(f"{path} was trained without an EMA (ema_decay: null); use weights='model'")
+    prefix = WEIGHT_PREFIXES[weights]
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def trained_on(checkpoint: dict[str, Any]) -> str | None:
+    """The image source a vaegan training checkpoint was trained on (None: the demo photos)."""
+    return (checkpoint.get(DATA_KEY) or {}).get("source")

@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from vaegan.autoencoder.network import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from vaegan.formats import hub
+from vaegan.formats.checkpoints import training_weights
 from vaegan.formats.naming import (
     ATTENTION_PROJECTIONS,
     CONFIG_NAME,
@@ -162,19 +163,13 @@ def _read_sharded(index_path: Path) -> dict[str, object]:
 def _training_checkpoint_weights(
     checkpoint: dict, path: Path, weights: str | None
 ) -> tuple[dict[str, object], dict[str, str]]:
-    """The autoencoder of a vaegan training checkpoint: the EMA weights when it kept an EMA, unless told
-    otherwise by `weights`."""
-    state = checkpoint.get("state_dict", {})
-    has_ema = any(key.startswith("ema.") for key in state)
-    if weights is None:
-        weights = "ema" if has_ema else "model"
-    if weights not in ("ema", "model"):
-        raise FormatError(f"weights must be 'ema' or 'model', got {weights!r}")
-    if weights == "ema" and not has_ema:
-        raise FormatError(f"{path} was trained without an EMA (ema_decay: null); use weights='model'")
-    prefix = "ema." if weights == "ema" else "vae."
-    selected = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    return selected, {METADATA_KEY: json.dumps(checkpoint[METADATA_KEY])}
+    """The autoencoder of a vaegan training checkpoint (`vaegan.formats.checkpoints` knows where it is), and its
+    architecture config as metadata."""
+    try:
+        tensors = training_weights(checkpoint, path, weights)
+    except ValueError as error:
+        raise FormatError(str(error)) from error
+    return tensors, {METADATA_KEY: json.dumps(checkpoint[METADATA_KEY])}
 
 
 def _torch_load_reason(error: Exception) -> str:
@@ -419,6 +414,26 @@ def load(
     """
     weights_path, config_path = _locate(_resolve(path, subfolder, revision))
     entries, metadata = _read_weights_file(weights_path, weights)
+    return _build(entries, metadata, weights_path, config_path, config, scaling_factor, shift_factor, dtype)
+
+
+def load_checkpoint(checkpoint: dict, path: str | os.PathLike, weights: str | None = None) -> AutoencoderKL:
+    """The VAE of a vaegan training checkpoint already read (`vaegan.formats.checkpoints.read_checkpoint`), as
+    `load(path, weights=weights)` would load it, for callers that read the checkpoint's other entries too."""
+    if METADATA_KEY not in checkpoint:
+        raise FormatError(f"{path} is not a vaegan training checkpoint (it has no {METADATA_KEY}); "
+                          "`vaegan convert` reads any other VAE file")
+    entries, metadata = _training_checkpoint_weights(checkpoint, Path(path), weights)
+    return _build(entries, metadata, Path(path))
+
+
+def _build(
+    entries: dict[str, object], metadata: dict[str, str], weights_path: Path, config_path: Path | None = None,
+    config: AutoencoderConfig | str | None = None, scaling_factor: float | None = None,
+    shift_factor: float | None = None, dtype: torch.dtype | None = None,
+) -> AutoencoderKL:
+    """The VAE of the entries read from `weights_path`, its architecture from `config`, else config.json at
+    `config_path`, else the metadata, else the tensor shapes (see `load`)."""
     weights = _vae_weights(entries, weights_path)
 
     if isinstance(config, str):

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vaegan.formats.checkpoints import WholeCheckpointIO, check_complete
+from vaegan.formats.checkpoints import check_complete
 from vaegan.probe.dit import DiT
 from vaegan.probe.flow import euler_sample, flow_matching_loss, guided, interpolate
+from vaegan.train.checkpoint_io import WholeCheckpointIO
 from vaegan.utils.seeds import seeded_generator
 
 CHECKPOINT_NAME = "last.ckpt"

@@ -10,8 +10,8 @@ import torch
 from vaegan.autoencoder.network import AutoencoderKL
 from vaegan.autoencoder.normalization import Convention, Kind, LatentNormalization, LatentStatistics, measured_layout
 from vaegan.formats.card import model_card
-from vaegan.formats.checkpoints import check_complete
-from vaegan.formats.load import FormatError, load
+from vaegan.formats.checkpoints import read_checkpoint, trained_on
+from vaegan.formats.load import load_checkpoint
 from vaegan.formats.save import save
 from vaegan.images.readers import DEMO_VAL_PHOTOS, EvalCrop, load_demo_photos, open_reader
 from vaegan.images.reading import ImageError
@@ -54,15 +54,6 @@ def measure_normalization(
     return normalization, statistics
 
 
-def training_source(checkpoint: str) -> str | None:
-    """The image source a vaegan training checkpoint was trained on (None: the demo photos)."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise FormatError(f"{checkpoint} is not a readable vaegan training checkpoint ({error})") from error
-    return (state.get("datamodule_hyper_parameters") or {}).get("source")
-
-
 def export(
     checkpoint: str,
     output: str,
@@ -94,11 +85,15 @@ def export(
         measure: measure the normalisation; false keeps the checkpoint's.
         eval_report: a `vaegan eval` output folder whose results the model card shows.
     """
-    check_complete(checkpoint)  # a checkpoint cut short by a crash gets that said, not a zip reader's complaint
-    vae = load(checkpoint, weights=weights)
+    if Path(checkpoint).is_dir() or Path(checkpoint).suffix == ".safetensors":
+        raise ValueError(f"{checkpoint} is a VAE, not a training checkpoint: `vaegan convert {checkpoint} OUTPUT "
+                         "--to diffusers` (or --to single-file) writes it in another format")
+    # Read once; a checkpoint cut short by a crash gets that said, not a zip reader's complaint.
+    state = read_checkpoint(checkpoint)
+    vae = load_checkpoint(state, checkpoint, weights)
     if measure:
         if data is None:
-            data = training_source(checkpoint)
+            data = trained_on(state)
         measured, statistics = measure_normalization(vae, data, resolution, max_images, normalization, convention)
         measured.rounded().apply_to(vae)
         positions = statistics.count // statistics.mean.numel()

@@ -34,13 +34,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from vaegan.autoencoder.network import AutoencoderKL, preset
 from vaegan.autoencoder.normalization import LatentNormalization, LatentStatistics, measured_layout
-from vaegan.formats.checkpoints import WholeCheckpointIO
 from vaegan.formats.load import load
 from vaegan.images.convert import to_uint8
 from vaegan.metrics.reconstruction import psnr, ssim
 from vaegan.pretrained.lpips import PerceptualLoss
 from vaegan.pretrained.vision import VisionFeatures
 from vaegan.reporting.grids import reconstruction_grid, save_grid
+from vaegan.train.checkpoint_io import WholeCheckpointIO
 from vaegan.train.discriminator import PatchDiscriminator
 from vaegan.train.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients, on_every_rank
 from vaegan.train.losses import (
