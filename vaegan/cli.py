@@ -90,7 +90,8 @@ def run(name: str, options: list[str]) -> None:
         encode(CLI(EncodeJob, args=options, prog="vaegan encode"))
         return
     if name == "probe":
-        from vaegan.probe.run import ProbeJob, probe
+        from vaegan.probe.job import ProbeJob
+        from vaegan.probe.run import probe
 
         probe(CLI(ProbeJob, args=options, prog="vaegan probe"))
         return

@@ -18,8 +18,9 @@ from vaegan.metrics.distribution import FeatureMoments, frechet_distance
 from vaegan.pretrained.features import DistributionFeatures
 from vaegan.probe.dit import DiT, sincos_position_embedding
 from vaegan.probe.flow import euler_sample, flow_matching_loss, guided, interpolate, velocity
+from vaegan.probe.job import ProbeJob
 from vaegan.probe.module import ProbeLatents, StepBatches
-from vaegan.probe.run import ProbeJob, probe, sign_pattern, split_indices
+from vaegan.probe.run import probe, sign_pattern, split_indices
 from vaegan.utils.seeds import seeded_generator
 
 from conftest import skimage_photos

@@ -13,7 +13,8 @@ from PIL import Image
 
 import vaegan
 from vaegan.evaluate.run import evaluate
-from vaegan.probe.run import ProbeJob, probe
+from vaegan.probe.job import ProbeJob
+from vaegan.probe.run import probe
 from vaegan.reporting.html import write_html_report
 
 from browser import HeadlessChromium, find_chromium

@@ -74,3 +74,17 @@ class Tile:
         rows = slice(self.top * scale, (self.top + self.height) * scale)
         columns = slice(self.left * scale, (self.left + self.width) * scale)
         return ..., rows, columns
+
+
+def blend_tiles(rows: TileGrid, cols: TileGrid, scale: int) -> list[tuple[Tile, torch.Tensor]]:
+    """Every tile of the grid with its blending weight in the output, normalised so that the weights of the
+    tiles covering any output pixel sum to 1: the output is sum(w_t * y_t). Weights are float32,
+    (tile * scale, tile * scale)."""
+    normaliser = tile_weight_map(rows, cols, scale)  # (rows.length * scale, cols.length * scale)
+    tiles = []
+    for i, top in enumerate(rows.starts):
+        for j, left in enumerate(cols.starts):
+            tile = Tile(top, left, rows.tile, cols.tile)
+            weight = torch.outer(rows.weights(i, scale), cols.weights(j, scale))
+            tiles.append((tile, (weight / normaliser[tile.region(scale)]).float()))
+    return tiles

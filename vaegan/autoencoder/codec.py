@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vaegan.autoencoder.blend_tiling import Tile, TileGrid, tile_weight_map
+from vaegan.autoencoder.blend_tiling import TileGrid, blend_tiles
 from vaegan.autoencoder.exact_tiling import decode_exact, encode_exact
 from vaegan.autoencoder.network import AutoencoderKL, DiagonalGaussian
 from vaegan.autoencoder.normalization import LatentNormalization
@@ -223,14 +223,8 @@ class Codec:
         Tiles are laid out in latent pixels, so that every tile of an image starts on the encoder's stride grid.
         """
         x_scale, out_scale = (self.factor, 1) if encode else (1, self.factor)
-        normaliser = tile_weight_map(rows, columns, out_scale).to(out.device)   # (H_out, W_out)
-        tiles, weights = [], []
-        for i, top in enumerate(rows.starts):
-            for j, left in enumerate(columns.starts):
-                tile = Tile(top, left, rows.tile, columns.tile)
-                weight = torch.outer(rows.weights(i, out_scale), columns.weights(j, out_scale)).to(out.device)
-                tiles.append(tile)
-                weights.append((weight / normaliser[tile.region(out_scale)]).float())
+        tiles, weights = zip(*blend_tiles(rows, columns, out_scale), strict=True)
+        weights = [weight.to(out.device) for weight in weights]
         out.zero_()
         # Every tile of every image is one job; all tiles have one size, so any jobs stack into a batch.
         jobs = [(image, t) for image in range(x.shape[0]) for t in range(len(tiles))]
