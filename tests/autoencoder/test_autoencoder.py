@@ -28,7 +28,7 @@ def test_flux_preset_is_f8_with_16_channels_and_no_quant_convs():
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
 
 
-@pytest.mark.parametrize("name", ["tiny", "sd"])
+@pytest.mark.parametrize("name", ["mini", "sd"])
 def test_shapes(name):
     config = preset(name, block_out_channels=(32, 64, 64), norm_num_groups=8) if name == "sd" else preset(name)
     vae = AutoencoderKL(config)

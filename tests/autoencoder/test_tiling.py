@@ -12,7 +12,7 @@ from vaegan.autoencoder.exact_tiling import Box, ExactTiling, Moments, decode_ex
 # SD-shaped (f8, mid attention, 3 resnets per decoder level) but narrow, so that each case takes a second or two.
 NARROW = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8)
 ARCHITECTURES = {
-    "tiny": preset("mini"),
+    "mini": preset("mini"),
     "sd": preset("sd", **NARROW),                                         # quant convs
     "flux": preset("flux", **NARROW),                                     # 16 channels, no quant convs
     "no-attention": preset("sd3", **NARROW, mid_block_add_attention=False),
@@ -45,7 +45,7 @@ def test_tiled_encode_equals_untiled(name):
     torch.testing.assert_close(encode_exact(vae, x, tile=4), expected, **EXACT)
 
 
-@pytest.mark.parametrize("name", ["tiny", "sd"])
+@pytest.mark.parametrize("name", ["mini", "sd"])
 def test_recomputing_everything_is_exact_too(name):
     # A budget of 0 keeps only the attention's input and output: every sweep recomputes from them.
     vae = vae_of(name)
