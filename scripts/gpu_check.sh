@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU check, about 8 minutes on one H100-class GPU: every speed claim of the README measured on CUDA, side by
+# One GPU check, about 8 minutes on one H100-class GPU: every speed claim of the docs measured on CUDA, side by
 # side with diffusers (codec) or the plain reference loop (training, dataset encoding), each benchmark writing
-# JSON into OUT, then OUT/summary.json and the README's rows (scripts/gpu_summary.py).
+# JSON into OUT, then OUT/summary.json and the GPU benchmark page's rows (scripts/gpu_summary.py).
 #   bash scripts/gpu_check.sh [OUT]                              on a machine with a CUDA GPU
 #   VAEGAN_GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh OUT       every step at toy sizes on the CPU (the tests run
 #                                                                this, so that the script cannot rot unnoticed)

@@ -1,7 +1,8 @@
 """Collect the JSON that scripts/gpu_check.sh wrote into one summary: codec speed and memory against diffusers,
 the fraction of the GPU's bf16 peak the SD VAE reaches at 512^2, the fp16 fallback, training against the
-reference loop, and dataset encoding with its share of time waiting for data. Prints the README's rows. A step
-that failed or was skipped (OUT/steps.tsv) leaves its part of the summary empty, and the summary says which.
+reference loop, and dataset encoding with its share of time waiting for data. Prints the rows of the GPU
+benchmark page (docs/benchmarks/gpu.md). A step that failed or was skipped (OUT/steps.tsv) leaves its part of
+the summary empty, and the summary says which.
 
     python scripts/gpu_summary.py runs/gpu-check
 """

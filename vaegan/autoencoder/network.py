@@ -182,7 +182,7 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm, then SiLU; in place on the norm's fresh output when no gradient is being recorded, which
-    spares a large allocation per layer (the README's codec table measures what it buys)."""
+    spares a large allocation per layer (the CPU benchmark page measures what it buys)."""
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
