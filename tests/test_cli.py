@@ -101,6 +101,8 @@ def test_every_command_takes_its_options_from_one_typed_signature(command, capsy
     assert exited.value.code == 0
     shown = capsys.readouterr().out
     assert "--config CONFIG" in shown and "--print_config" in shown and "(type: " in shown
+    description = shown.split("\n\n")[1]  # after the usage lines
+    assert description.rstrip().endswith("."), f"vaegan {command} --help stops mid-sentence: {description!r}"
 
 
 def test_encode_reads_its_options_from_a_config_file(tmp_path, capsys):

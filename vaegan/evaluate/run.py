@@ -158,9 +158,10 @@ def evaluate(
     diagnostics: bool = True,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Benchmark VAEs side by side: reconstruct every image with every VAE and measure it (shorter side resized,
-    centre crop, posterior mean, uint8); with `output`, write per_image.csv, summary.json, results.md,
-    per_image.png and sheets/ there.
+    """Benchmark VAEs side by side on the same images: PSNR, SSIM, MS-SSIM, LPIPS, rFID, latent statistics.
+
+    Every image is reconstructed with every VAE and measured (shorter side resized, centre crop, posterior mean,
+    uint8); with `output`, per_image.csv, summary.json, results.md, per_image.png and sheets/ are written there.
 
     Args:
         models: VAEs in any format `vaegan.load` reads, as PATH or LABEL=PATH (the label names it in the report;

@@ -85,8 +85,10 @@ def decode_latents(
     preset: str | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Decode latents back to images: a vaegan encode folder or shard (images named by id, in subfolders as the
-    ids have them), or a tensor file of normalised latents from a diffusion sampler. Returns the image paths.
+    """Decode latents back to images; returns the image paths.
+
+    The latents are a vaegan encode folder or shard (images named by id, in subfolders as the ids have them), or a
+    tensor file of normalised latents from a diffusion sampler.
 
     Args:
         input: a vaegan encode folder or shard file, or a .pt/.pth/.npy/.safetensors file of normalised latents

@@ -16,11 +16,12 @@ from vaegan.latents.shards import (
 
 @dataclass(frozen=True, kw_only=True)
 class EncodeJob:
-    """Encode every image of a folder or a datasets source with a frozen VAE into Parquet shards that
-    datasets.load_dataset("parquet", data_dir=OUTPUT) reads: one row per image with its id, latent (by default the
-    normalised posterior mean and log-variance), latent shape, size and crop box; manifest.json and errors.jsonl
-    beside them. Rerun the same command to resume after an interruption. Choose one resolution policy: crop,
-    buckets or max_side.
+    """Encode every image of a folder or a datasets source into Parquet shards of latents, exactly once.
+
+    The shards are what datasets.load_dataset("parquet", data_dir=OUTPUT) reads: one row per image with its id,
+    latent (by default the normalised posterior mean and log-variance), latent shape, size and crop box;
+    manifest.json and errors.jsonl beside them. Rerun the same command to resume after an interruption. Choose
+    one resolution policy: crop, buckets or max_side.
 
     Args:
         model: any VAE vaegan reads: diffusers folder, single file, training checkpoint.

@@ -12,9 +12,11 @@ from vaegan.pretrained.features import FeatureNetwork
 
 @dataclass(frozen=True, kw_only=True)
 class ProbeJob:
-    """Train the same small diffusion transformer (flow matching, same seed and budget) on each VAE's latents of
-    one image set, and compare: the validation loss at fixed timesteps over training, samples decoded by each VAE,
-    and a distance between those samples and the real images. Writes summary.json, results.md, curves.png,
+    """Train one small diffusion transformer per VAE on its latents, and compare how well each learns.
+
+    The transformers are alike (flow matching, same seed and budget) and see one image set; compared are the
+    validation loss at fixed timesteps over training, samples decoded by each VAE, and a distance between those
+    samples and the real images. Writes summary.json, results.md, curves.png,
     samples/ and report.html into `output`; rerun the same command to resume after an interruption.
 
     Args:
