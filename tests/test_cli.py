@@ -27,6 +27,15 @@ def test_convert_and_info_round_trip(tmp_path, capsys):
         torch.testing.assert_close(converted.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "float16"])
+def test_convert_takes_the_precision_as_every_command_spells_it(tmp_path, dtype):
+    source = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path / "vae")
+    main(["convert", str(source), str(tmp_path / "half.safetensors"), "--to", "single-file", "--dtype", dtype])
+    from safetensors.torch import load_file
+
+    assert {tensor.dtype for tensor in load_file(tmp_path / "half.safetensors").values()} == {torch.float16}
+
+
 def test_convert_names_the_bad_file_in_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a safetensors file")

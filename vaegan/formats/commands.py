@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.formats.card import model_card
 from vaegan.formats.load import load
 from vaegan.formats.save import save
+from vaegan.utils.dtypes import resolve_dtype
 
 
 def convert(
@@ -19,7 +18,7 @@ def convert(
     destination: str,
     *,
     to: Literal["diffusers", "single-file"],
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None,
+    dtype: Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] | None = None,
     preset: str | None = None,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
@@ -33,7 +32,8 @@ def convert(
         source: a diffusers folder, single file, training checkpoint, or a hub name owner/name.
         destination: output folder (diffusers) or .safetensors file (single-file).
         to: output format.
-        dtype: store the weights in this dtype; default: as loaded (fp32).
+        dtype: store the weights in this precision (fp32, bf16, fp16, as every command spells it; the long
+            names float32, bfloat16, float16 are read too); default: as loaded (fp32).
         preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for files that carry no config.
         scaling_factor: override the scaling factor.
         shift_factor: override the shift factor.
@@ -44,7 +44,7 @@ def convert(
     vae = load(source, config=preset, scaling_factor=scaling_factor, shift_factor=shift_factor,
                subfolder=subfolder, revision=revision)
     card = model_card(vae, Path(destination).name, eval_report) if to == "diffusers" else None
-    path = save(vae, destination, format=to, dtype=getattr(torch, dtype) if dtype else None, card=card)
+    path = save(vae, destination, format=to, dtype=resolve_dtype(dtype) if dtype else None, card=card)
     print(f"wrote {to} VAE to {path}")
     return path
 
