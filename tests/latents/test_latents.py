@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import vaegan
+from vaegan.cli import main
 from vaegan.latents.dataset import BucketBatchSampler, LatentDataset
 from vaegan.latents.decode import decode_latents
 from vaegan.latents.encode import encode_dataset
@@ -100,6 +101,31 @@ def test_decode_a_samplers_latents_and_a_single_shard(encoded, tmp_path):
     assert len(paths) == 2 and all(path.suffix == ".jpg" for path in paths)
     with pytest.raises(ValueError, match="pass model="):
         decode_latents(input=tmp_path / "samples.pt", output=tmp_path / "images", progress=False)
+
+
+def test_latents_that_are_not_finite_are_refused_with_their_count(encoded, tmp_path, capsys):
+    model, _ = encoded
+    latents = torch.randn(2, 4, 8, 8)
+    latents[1, :, :2, :3] = float("nan")  # a sampler that diverged on its second image
+    latents[1, 0, 7, 7] = float("inf")
+    torch.save(latents, tmp_path / "samples.pt")
+    with pytest.raises(SystemExit) as exited:
+        main(["decode", "--input", str(tmp_path / "samples.pt"), "--output", str(tmp_path / "images"),
+              "--model", str(model), "--device", "cpu"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error == (f"vaegan decode: error: {tmp_path / 'samples.pt'}, latent samples-00001: 25 of 256 latent values "
+                     "are not finite (NaN or inf), so the images would be black or garbage; --allow_nonfinite true "
+                     "decodes them anyway\n")
+    assert not (tmp_path / "images").exists()  # refused before anything was written
+
+    codec = vaegan.Codec(vaegan.load(model))
+    with pytest.raises(ValueError, match="25 of 512 latent values are not finite"):
+        codec.decode(latents)
+    assert torch.isfinite(codec.decode(latents[:1])).all()
+    paths = decode_latents(input=tmp_path / "samples.pt", output=tmp_path / "images", model=model, device="cpu",
+                           allow_nonfinite=True, progress=False)
+    assert len(paths) == 2
 
 
 def test_decoding_with_another_vae_warns(encoded, tmp_path):

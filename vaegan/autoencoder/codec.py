@@ -51,6 +51,15 @@ DEFAULT_TILE_OVERLAP = 128
 DEFAULT_AUTO_TILE_PIXELS = 1024 * 1024
 
 
+def check_finite(latents: torch.Tensor, what: str = "latents", allow: str = "allow_nonfinite=True") -> None:
+    """Refuse latents holding NaN or inf (a diffusion sampler that diverged): their decode is a black or garbage
+    image, which would pass for a result. `what` names them and `allow` says how to decode them anyway."""
+    bad = int((~torch.isfinite(latents)).sum())
+    if bad:
+        raise ValueError(f"{what}: {bad} of {latents.numel()} latent values are not finite (NaN or inf), so the "
+                         f"images would be black or garbage; {allow} decodes them anyway")
+
+
 class Codec:
     """A frozen VAE that encodes images to normalised latents and decodes them back (see the module doc).
 
@@ -168,12 +177,14 @@ class Codec:
         return DiagonalGaussian.from_moments(moments)
 
     def decode(
-        self, latents: torch.Tensor, output: OutputKind = "tensor"
+        self, latents: torch.Tensor, output: OutputKind = "tensor", allow_nonfinite: bool = False
     ) -> torch.Tensor | np.ndarray | list[Image.Image]:
         """Normalised latents (B, C, h, w) or (C, h, w) -> images (B, 3, h*f, w*f), in the kind asked for.
 
         output: "tensor" float32 (B, 3, H, W) clamped to [-1, 1]; "uint8" uint8 tensor (B, 3, H, W);
         "numpy" uint8 array (B, H, W, 3); "pil" a list of RGB PIL images.
+        allow_nonfinite: decode latents holding NaN or inf (a diverged sampler's) instead of refusing them; their
+        images are black or garbage.
         """
         if output not in ("tensor", "uint8", "numpy", "pil"):
             raise ValueError(f"output={output!r}; choose one of 'tensor', 'uint8', 'numpy', 'pil'")
@@ -186,6 +197,8 @@ class Codec:
                 f"latents of shape {tuple(latents.shape)} do not fit this VAE: expected "
                 f"(B, {self.latent_channels}, h, w)"
             )
+        if not allow_nonfinite:
+            check_finite(latents)
         z = self.normalization.denormalize(latents.float())
         batch, _, height, width = z.shape
         images = torch.empty(batch, 3, height * self.factor, width * self.factor, device=z.device)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vaegan.autoencoder.codec import Codec, Tiling
+from vaegan.autoencoder.codec import Codec, Tiling, check_finite
 from vaegan.autoencoder.network import weights_sha256
 from vaegan.formats.load import load
 from vaegan.latents.dataset import LatentDataset
@@ -83,6 +83,7 @@ def decode_latents(
     tile_size: int | None = None,
     tiling: Tiling = "exact",
     preset: str | None = None,
+    allow_nonfinite: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Decode latents back to images; returns the image paths.
@@ -108,6 +109,8 @@ def decode_latents(
             bounded.
         tiling: exact tiles decode what the untiled decoder would; blend is faster and approximate.
         preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for model files that carry no config.
+        allow_nonfinite: decode latents that hold NaN or inf (they make black or garbage images) instead of
+            refusing the file.
         progress: show a progress bar, and a summary at the end.
     """
     if format not in IMAGE_FORMATS:
@@ -116,6 +119,8 @@ def decode_latents(
     source, folder = Path(input), Path(output)
     if source.suffix in TENSOR_SUFFIXES:
         named = read_latent_file(source)
+        for name, latent in named if not allow_nonfinite else ():  # before anything is written
+            check_finite(latent, f"{source}, latent {name}", "--allow_nonfinite true")
         dataset, expected_hash = None, None
         if model is None:
             raise ValueError(f"{source}: a tensor file does not say which VAE made it; pass model=")
@@ -161,7 +166,8 @@ def decode_latents(
     taken: set[Path] = set()
     with tqdm(total=len(selected), unit="img", desc="decoding", disable=not progress) as bar:
         for chunk in chunks:
-            images = codec.decode(torch.stack([latent(position) for position in chunk]), output="pil")
+            latents = torch.stack([latent(position) for position in chunk])
+            images = codec.decode(latents, output="pil", allow_nonfinite=allow_nonfinite)
             for position, image in zip(chunk, images, strict=True):
                 path = image_path(folder, names[position], suffix, taken)
                 path.parent.mkdir(parents=True, exist_ok=True)
