@@ -110,3 +110,10 @@ def test_a_vae_declares_what_was_applied_and_keeps_it_through_save_and_load(kind
 def test_a_patch_normalisation_needs_flux2s_statistics():
     with pytest.raises(ValueError, match="patch_size=None"):
         kinds()["patch"].apply_to(vaegan.AutoencoderKL(vaegan.preset("sd", **TINY_F8)))
+
+
+def test_the_scalar_formula_reads_as_written():
+    # A negative shift is added, not subtracted twice ("(z - -0.84588)").
+    for shift, formula in ((-0.84588, "(z + 0.84588) * 3.2"), (0.1159, "(z - 0.1159) * 3.2"), (0.0, "(z - 0) * 3.2")):
+        vae = vaegan.AutoencoderKL(vaegan.preset("mini", scaling_factor=3.2, shift_factor=shift))
+        assert str(LatentNormalization.of(vae)) == formula

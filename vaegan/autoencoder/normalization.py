@@ -198,7 +198,8 @@ class LatentNormalization:
 
     def __str__(self) -> str:
         if self.kind == "scalar":
-            return f"(z - {self.shift_factor:g}) * {self.scaling_factor:g}"
+            shift = f"+ {-self.shift_factor:g}" if self.shift_factor < 0 else f"- {self.shift_factor:g}"
+            return f"(z {shift}) * {self.scaling_factor:g}"
         if self.kind == "channel":
             return f"(z - latents_mean[c]) * {self.scaling_factor:g} / latents_std[c], {len(self.mean)} channels"
         p, q = self.patch_size

@@ -52,6 +52,7 @@ from vaegan.latents.shards import STORAGE_TYPES, ShardWriter, encode_values, nes
 from vaegan.latents.sources import ImageBatch, ShardBatches, ShardEnd, open_source
 from vaegan.utils.dtypes import resolve_dtype
 from vaegan.utils.files import read_json
+from vaegan.utils.text import counted
 
 
 @dataclass(frozen=True)
@@ -272,9 +273,10 @@ class EncodeSummary:
 
     def __str__(self) -> str:
         lines = [
-            f"encoded {self.encoded} images, {self.errors} errors, {self.skipped} skipped (already done) in "
-            f"{self.seconds:.1f} s: {self.images_per_second:.1f} images/s, {100 * self.data_wait:.0f}% of the "
-            f"time waiting for data ({len(self.ranks)} process{'es' if len(self.ranks) > 1 else ''})"
+            f"encoded {counted(self.encoded, 'image')}, {counted(self.errors, 'error')}, {self.skipped} skipped "
+            f"(already done) in {self.seconds:.1f} s: {self.images_per_second:.1f} images/s, "
+            f"{100 * self.data_wait:.0f}% of the time waiting for data "
+            f"({counted(len(self.ranks), 'process', 'processes')})"
         ]
         if self.device_decoded:
             lines.append(f"{self.device_decoded} JPEGs decoded on the device, "
@@ -284,8 +286,8 @@ class EncodeSummary:
         else:
             counts = self.manifest["counts"]
             lines.append(
-                f"{self.output}: {counts['encoded']} latents in {counts['files']} shards, "
-                f"{counts['bytes'] / 2**20:.1f} MiB; {counts['errors']} errors listed in errors.jsonl"
+                f"{self.output}: {counted(counts['encoded'], 'latent')} in {counted(counts['files'], 'shard')}, "
+                f"{counts['bytes'] / 2**20:.1f} MiB; {counted(counts['errors'], 'error')} listed in errors.jsonl"
             )
         return "\n".join(lines)
 

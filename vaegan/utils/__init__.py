@@ -1,1 +1,2 @@
-"""Small helpers every layer uses: files never half-written, precision names, derived seeds."""
+"""Small helpers every layer uses: files never half-written, precision names, derived seeds,
+counted nouns."""
