@@ -98,9 +98,20 @@ def test_bad_option_values_and_unknown_commands_read_like_errors(monkeypatch, ca
     assert capsys.readouterr().err == (
         "vaegan train: error: unknown command 'train'; `vaegan --help` lists the commands\n"
     )
-    monkeypatch.setenv("VAEGAN_DEBUG", "1")
-    with pytest.raises(ValueError, match="val_holdout"):
+    monkeypatch.setenv("VAEGAN_DEBUG", "1")  # the traceback, and still status 2
+    with pytest.raises(SystemExit) as exited:
         main(["fit", "--model.perceptual_net", "squeeze", "--data.val_holdout", "2", "--trainer.logger", "false"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in error and error.rstrip().endswith(
+        "ValueError: val_holdout must be a fraction in [0, 1), got 2.0")
+
+
+def test_a_reader_that_closes_early_gets_no_broken_pipe_complaint(tmp_path):
+    vae = vaegan.save(vaegan.AutoencoderKL.from_preset("mini"), tmp_path / "vae")
+    reader = subprocess.run(f"{sys.executable} -m vaegan info {vae} --format json | head -c 1", shell=True,
+                            capture_output=True, text=True, timeout=120)
+    assert reader.stdout == "{" and reader.stderr == ""
 
 
 @pytest.mark.parametrize("command", ["convert", "info", "export", "eval", "encode", "decode", "probe"])

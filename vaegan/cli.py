@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from vaegan.pretrained.weights import MissingWeights
@@ -63,11 +64,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         run(argv[0], argv[1:])
+    except BrokenPipeError:
+        # The reader of our output closed early (`vaegan info --format json | head`): stop quietly, and keep
+        # Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except EXPECTED_FAILURES as error:
         if debug:
-            raise
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, however it was written
-        print(f"vaegan {argv[0]}: error: {message}", file=sys.stderr)
+            traceback.print_exc()  # the whole story, with the same exit status as without --debug
+        else:
+            message = " ".join(str(error).split()) or type(error).__name__  # one line, however it was written
+            print(f"vaegan {argv[0]}: error: {message}", file=sys.stderr)
         raise SystemExit(FAILURE_STATUS) from None
 
 
