@@ -45,8 +45,11 @@ def test_convert_names_the_bad_file_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith(f"vaegan convert: error: {bad} is not a readable safetensors file")
     assert error.count("\n") == 1
-    with pytest.raises(vaegan.FormatError, match="broken.safetensors"):  # --debug: the exception, traceback and all
+    with pytest.raises(SystemExit) as exited:  # --debug: the traceback, and still status 2
         main(["convert", str(bad), str(tmp_path / "out"), "--to", "diffusers", "--debug"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in error and "FormatError:" in error and "broken.safetensors" in error
 
 
 @pytest.mark.parametrize("format, name", [("single-file", "vae.safetensors"), ("diffusers", "vae")])

@@ -88,21 +88,33 @@ def run(name: str, options: list[str]) -> None:
         except RUN_FAILURES as error:
             raise CommandFailed(str(error)) from error
         return
-    from jsonargparse import CLI
-
     if name == "encode":
         from vaegan.latents.encode import encode
         from vaegan.latents.job import EncodeJob
 
-        encode(CLI(EncodeJob, args=options, prog="vaegan encode"))
+        encode(parse(EncodeJob, name, options))
         return
     if name == "probe":
         from vaegan.probe.job import ProbeJob
         from vaegan.probe.run import probe
 
-        probe(CLI(ProbeJob, args=options, prog="vaegan probe"))
+        probe(parse(ProbeJob, name, options))
         return
-    CLI(command(name), args=options, prog=f"vaegan {name}")
+    parse(command(name), name, options)
+
+
+def parse(component: Callable, name: str, options: list[str]):
+    """jsonargparse's CLI over `component`: its result, or a one-line `CommandFailed` for options it refuses."""
+    from jsonargparse import CLI, ArgumentError, capture_parser
+
+    from vaegan.utils.options import explain_parse_error
+
+    try:
+        return CLI(component, args=options, prog=f"vaegan {name}", exit_on_error=False)
+    except ArgumentError as error:
+        parser = capture_parser(lambda: CLI(component, args=[], prog=f"vaegan {name}"))
+        message = explain_parse_error(error, options, parser.get_defaults().keys())
+        raise CommandFailed(f"{message}; `vaegan {name} --help` lists the options") from error
 
 
 def command(name: str) -> Callable:

@@ -14,6 +14,7 @@ that is how a truncated file is told from a whole one without reading it all.
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,16 @@ def check_complete(path: str | os.PathLike) -> None:
 
 def unreadable(path: str | os.PathLike, error: Exception) -> CheckpointError:
     """The error for a whole checkpoint file that `torch.load` still cannot read (damaged, or not a checkpoint)."""
-    reason = str(error).split(". ")[0].splitlines()[0] if str(error) else type(error).__name__
-    return CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})")
+    return CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {load_error_reason(error)})")
+
+
+def load_error_reason(error: Exception) -> str:
+    """The informative line of a reader's error (torch.load's, safetensors', numpy's), without torch's advice to
+    drop weights_only: what a one-line message about an unreadable file can quote."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds pickled objects besides tensors and plain containers, which vaegan never unpickles"
+    detail = str(error).split("WeightsUnpickler error:")[-1].strip()
+    return detail.split(". ")[0].splitlines()[0] if detail else type(error).__name__
 
 
 # Where a vaegan training checkpoint keeps what export and `vaegan.load` read: Lightning's module state and

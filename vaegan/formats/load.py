@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from vaegan.autoencoder.network import PRESETS, AutoencoderConfig, AutoencoderKL, preset
 from vaegan.formats import hub
-from vaegan.formats.checkpoints import training_weights
+from vaegan.formats.checkpoints import load_error_reason, training_weights
 from vaegan.formats.naming import (
     ATTENTION_PROJECTIONS,
     CONFIG_NAME,
@@ -121,7 +121,7 @@ def _read_weights_file(path: Path, weights: str | None = None) -> tuple[dict[str
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise FormatError(
-                f"{path} is not a readable torch checkpoint of plain tensors ({_torch_load_reason(error)}); "
+                f"{path} is not a readable torch checkpoint of plain tensors ({load_error_reason(error)}); "
                 "if it holds other pickled objects and you trust it, re-save its tensors as safetensors"
             ) from error
         if isinstance(checkpoint, dict) and METADATA_KEY in checkpoint:
@@ -170,12 +170,6 @@ def _training_checkpoint_weights(
     except ValueError as error:
         raise FormatError(str(error)) from error
     return tensors, {METADATA_KEY: json.dumps(checkpoint[METADATA_KEY])}
-
-
-def _torch_load_reason(error: Exception) -> str:
-    """The informative line of torch.load's error, without its advice to drop weights_only."""
-    detail = str(error).split("WeightsUnpickler error:")[-1].strip()
-    return detail.split(". ")[0].splitlines()[0] if detail else type(error).__name__
 
 
 def _vae_weights(entries: dict[str, object], path: Path) -> _Weights:

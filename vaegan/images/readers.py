@@ -228,6 +228,10 @@ def scan_image_files(paths: list[Path], min_size: int) -> tuple[list[Path], list
     return good, skipped
 
 
+# What `datasets.load_dataset` reads from a local folder that holds no images.
+DATASET_FILE_SUFFIXES = frozenset({".parquet", ".arrow", ".csv", ".json", ".jsonl", ".tar", ".py"})
+
+
 def is_image_folder(spec: str) -> bool:
     """A directory holding image files, and not a dataset saved with `save_to_disk`."""
     path = Path(spec)
@@ -258,6 +262,10 @@ def load_hub_source(spec: str, split: str, streaming: bool) -> Any:
         return loaded.to_iterable_dataset(num_shards=min(len(loaded), 16)) if streaming else loaded
     if spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().exists():
         raise ValueError(f"{spec}: no such file or directory (a hub name looks like owner/name)")
+    if Path(spec).is_dir() and not any(Path(name).suffix.lower() in DATASET_FILE_SUFFIXES
+                                       for _, _, files in os.walk(spec) for name in files):
+        raise ValueError(f"{spec} is a folder with neither images ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor "
+                         "dataset files (Parquet, Arrow, CSV, JSON, WebDataset tars) in it")
     return datasets.load_dataset(spec, split=split, streaming=streaming)
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from vaegan.autoencoder.codec import Codec, Tiling, check_finite
 from vaegan.autoencoder.network import weights_sha256
+from vaegan.formats.checkpoints import load_error_reason
 from vaegan.formats.load import load
 from vaegan.latents.dataset import LatentDataset
 
@@ -25,15 +26,21 @@ def read_latent_file(path: Path) -> list[tuple[str, torch.Tensor]]:
     A tensor (B, C, h, w) or (C, h, w) in .pt/.pth/.npy, or every tensor of a .safetensors file or of a dict
     saved with torch.save; the i-th latent of tensor `key` is named "key-i" (the file's stem for a bare tensor).
     """
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        tensors = load_file(path)
-    elif path.suffix == ".npy":
-        tensors = {path.stem: torch.from_numpy(np.load(path))}
-    else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = loaded if isinstance(loaded, dict) else {path.stem: loaded}
+            tensors = load_file(path)
+        elif path.suffix == ".npy":
+            tensors = {path.stem: torch.from_numpy(np.load(path, allow_pickle=False))}
+        else:  # weights_only: tensors and plain containers, never pickled code
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = loaded if isinstance(loaded, dict) else {path.stem: loaded}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # each reader fails on a damaged or foreign file with its own error types
+        raise ValueError(f"{path} is not a readable latent file ({type(error).__name__}: {load_error_reason(error)})"
+                         "; decode reads tensors saved by torch.save, numpy or safetensors") from error
     latents = []
     for key, tensor in tensors.items():
         if not torch.is_tensor(tensor) or tensor.ndim not in (3, 4) or not tensor.is_floating_point():

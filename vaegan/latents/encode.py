@@ -307,8 +307,9 @@ def encode(job: EncodeJob) -> EncodeSummary:
     if job.num_processes > 1:
         results = launch(encode_rank, job, job.num_processes, "img", "encoding", job.progress)
     else:
-        bar = tqdm(unit="img", desc="encoding", smoothing=0.1, disable=not job.progress or rank.rank > 0)
-        results = [encode_rank(job, rank, bar)]
+        # Closed on the way out of a failure too, so the error is printed on a line of its own.
+        with tqdm(unit="img", desc="encoding", smoothing=0.1, disable=not job.progress or rank.rank > 0) as bar:
+            results = [encode_rank(job, rank, bar)]
     manifest_path = Path(job.output) / MANIFEST_NAME
     summary = EncodeSummary(
         output=Path(job.output),

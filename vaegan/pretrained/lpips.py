@@ -151,8 +151,9 @@ def missing_weights_message(net: PerceptualNet, tried: str) -> str:
     return (
         f"No ImageNet weights for the LPIPS-{net} backbone: {tried}. Put {backbone_file_name(net)} (the "
         f"state dict of torchvision.models.{model_name}().features, saved with safetensors) into the folder "
-        f"named by ${WEIGHTS_DIR_VARIABLE}, or pass its path as `weights`, or run once with internet access "
-        f"so torchvision caches {model_name} under $TORCH_HOME/hub/checkpoints."
+        f"named by ${WEIGHTS_DIR_VARIABLE} (scripts/demo.sh uses ../shared/assets/lpips when it exists), or give "
+        f"its path (vaegan fit: --model.perceptual_weights_file; Python: `weights=`), or run once with internet access "
+        f"so torchvision caches {model_name} under $TORCH_HOME/hub/checkpoints (docs/guides/offline-weights.md)."
     )
 
 

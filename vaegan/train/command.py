@@ -10,15 +10,16 @@ import os
 import warnings
 from pathlib import Path
 
-import torch
 import yaml
+from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from vaegan.formats.checkpoints import check_complete
+from vaegan.formats.checkpoints import check_complete, read_checkpoint
 from vaegan.train.data import ImageDataModule
 from vaegan.train.module import VAEGAN, TrainingDiverged
 from vaegan.train.regularizer_options import flat_key_target, migrate_flat_options, warn_flat_options
+from vaegan.utils.options import explain_parse_error
 
 # What ends a run with a message for the user rather than a traceback: a run that diverged, a Trainer setting
 # Lightning refuses.
@@ -29,7 +30,13 @@ class TrainingCLI(LightningCLI):
     """LightningCLI, with the checkpoint named by `--ckpt_path` checked whole and its flat options migrated."""
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:  # one line naming the option or file, not a screen of usage
+            subcommand = args[0] if args and args[0] in self._subcommand_parsers else "fit"
+            known = self._subcommand_parsers[subcommand].get_defaults().keys()
+            message = explain_parse_error(error, list(args), known)
+            raise ValueError(f"{message}; `vaegan {subcommand} --help` lists the options") from error
         # LightningCLI reads a checkpoint named by --ckpt_path for its hyperparameters right after this: one cut
         # short is refused by name here rather than by the zip reader.
         if self.checkpoint_path():
@@ -42,7 +49,7 @@ class TrainingCLI(LightningCLI):
         path = self.checkpoint_path()
         if path is None:
             return
-        hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters") or {}
+        hparams = read_checkpoint(path).get("hyper_parameters") or {}
         hparams.pop("_instantiator", None)
         if hparams:
             model = migrate_flat_options(hparams, path)
@@ -66,7 +73,7 @@ def run_lightning(argv: list[str]) -> None:
         args=migrate_flat_arguments(argv),
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "exit_on_error": False},
     )
 
 

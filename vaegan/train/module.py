@@ -176,6 +176,13 @@ class VAEGAN(L.LightningModule):
         grid_images: int = 8,
     ):
         super().__init__()
+        # Checked before any network, weights file or logger: each named as the option a user writes.
+        for option, value in (("lr", lr), ("disc_lr", disc_lr), ("align.lr", Alignment.of(align).lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"--model.{option}={value}: a learning rate must be positive")
+        if max_batches < 1 or accumulate_grad_batches < 1:
+            raise ValueError(f"--model.max_batches={max_batches} and --model.accumulate_grad_batches="
+                             f"{accumulate_grad_batches} must be at least 1")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.eq, self.se, self.noise, self.align = (

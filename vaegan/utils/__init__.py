@@ -1,2 +1,2 @@
-"""Small helpers every layer uses: files never half-written, precision names, derived seeds,
-counted nouns."""
+"""Small helpers every layer uses: files never half-written, precision names, derived seeds, counted nouns,
+one-line option errors."""
