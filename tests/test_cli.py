@@ -36,6 +36,17 @@ def test_convert_takes_the_precision_as_every_command_spells_it(tmp_path, dtype)
     assert {tensor.dtype for tensor in load_file(tmp_path / "half.safetensors").values()} == {torch.float16}
 
 
+def test_info_says_a_training_checkpoints_factors_are_not_measured_yet(tmp_path, capsys):
+    checkpoint = Path(__file__).parent / "train" / "assets" / "pre-layout" / "batch-2.ckpt"
+    main(["info", str(checkpoint), "--format", "json"])
+    assert json.loads(capsys.readouterr().out)["normalization_measured"] is False
+    main(["info", str(checkpoint)])
+    assert "`vaegan export` measures them on the training images" in capsys.readouterr().out
+    exported = vaegan.save(vaegan.load(checkpoint), tmp_path / "vae")
+    main(["info", str(exported), "--format", "json"])
+    assert json.loads(capsys.readouterr().out)["normalization_measured"] is True
+
+
 def test_convert_names_the_bad_file_in_one_line(tmp_path, capsys):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a safetensors file")

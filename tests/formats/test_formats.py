@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import vaegan
 from vaegan import AutoencoderKL, FormatError, preset
+from vaegan.formats.card import model_card
 from vaegan.formats.naming import to_diffusers_name, to_original_name
 from vaegan.formats.save import diffusers_config
 
@@ -633,3 +634,17 @@ def test_latents_statistics_of_the_wrong_length_are_refused(folder):
     config_path.write_text(json.dumps({**config, "latents_mean": [0.0] * 3, "latents_std": [1.0] * 3}))
     with pytest.raises(FormatError, match=r"config\.json is not a config .*latents_mean has 3 values"):
         vaegan.load(folder)
+
+
+@pytest.mark.parametrize("shift, channels, drops_into", [
+    (0.0, 4, "Stable Diffusion 1.x/2.x, SDXL and DiT pipelines"),
+    (-0.84588, 4, "pipelines read only the scaling factor (for them, export with `--convention scale`)"),
+    (0.1159, 16, "Stable Diffusion 3 and FLUX.1 pipelines"),
+    (0.0, 8, "these 8-channel latents"),
+])
+def test_the_model_card_names_the_pipelines_that_read_the_export(tmp_path, shift, channels, drops_into):
+    # SD and SDXL pipelines ignore a shift factor: a card must not send a shifted VAE to them.
+    vae = AutoencoderKL(preset("mini", latent_channels=channels, shift_factor=shift, scaling_factor=2.0))
+    card = model_card(vae, "my-vae")
+    (line,) = [line for line in card.splitlines() if line.startswith("- **Drops into**")]
+    assert drops_into in line

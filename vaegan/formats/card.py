@@ -20,9 +20,17 @@ def pipelines(vae: AutoencoderKL, normalization: LatentNormalization) -> str:
     if normalization.kind == "channel":
         return ("pipelines that read `latents_mean`/`latents_std` from the VAE's config (diffusers' Stable Diffusion "
                 "XL pipelines); others would use the scaling factor alone")
-    if vae.config.latent_channels == 16:
+    channels, shift = vae.config.latent_channels, vae.config.shift_factor or 0.0
+    if channels == 16:
         return "Stable Diffusion 3 and FLUX.1 pipelines (16 latent channels, scaling and shift factors)"
-    return "Stable Diffusion 1.x/2.x, SDXL and DiT pipelines (4 latent channels, the scaling factor)"
+    if channels == 4 and shift == 0:
+        return "Stable Diffusion 1.x/2.x, SDXL and DiT pipelines (4 latent channels, the scaling factor)"
+    if channels == 4:
+        return (f"a diffusion model trained on these latents by a pipeline that subtracts the shift factor "
+                f"({shift:g}) as diffusers' SD3 and FLUX.1 pipelines do; Stable Diffusion 1.x/2.x, SDXL and DiT "
+                "pipelines read only the scaling factor (for them, export with `--convention scale`)")
+    return (f"a diffusion model trained on these {channels}-channel latents (no released pipeline's denoiser takes "
+            f"{channels} channels)")
 
 
 def model_card(vae: AutoencoderKL, name: str, eval_report: str | None = None) -> str:

@@ -8,7 +8,9 @@ from typing import Literal
 
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.formats.card import model_card
+from vaegan.formats.checkpoints import CheckpointError, read_checkpoint
 from vaegan.formats.load import load
+from vaegan.formats.naming import METADATA_KEY
 from vaegan.formats.save import save
 from vaegan.utils.dtypes import resolve_dtype
 
@@ -75,6 +77,8 @@ def info(
                revision=revision)
     height, width = (tuple(size) * 2)[:2]
     summary = vae_summary(vae, height, width)
+    # A training checkpoint holds the preset's factors: export measures the real ones on the training images.
+    summary["normalization_measured"] = not is_training_checkpoint(path)
     if format == "json":
         print(json.dumps(summary, indent=2))
         return summary
@@ -90,7 +94,20 @@ def info(
           f"({summary['compression']}x fewer values)")
     print(f"  normalisation     z_model = {summary['normalization_formula']} -> "
           f"{tuple(summary['normalized_latent_shape'])}")
+    if not summary["normalization_measured"]:
+        print("                    (the preset's factors: `vaegan export` measures them on the training images)")
     return summary
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """Whether `path` is a vaegan training checkpoint (not yet exported)."""
+    file = Path(path)
+    if not file.is_file() or file.suffix not in (".ckpt", ".pt", ".pth"):
+        return False
+    try:
+        return METADATA_KEY in read_checkpoint(file)
+    except CheckpointError:  # a torch file of the old, non-zip kind: not one of our checkpoints
+        return False
 
 
 def vae_summary(vae, height: int, width: int) -> dict:
