@@ -23,6 +23,8 @@ from vaegan.metrics.reconstruction import latent_bits_per_pixel, ms_ssim, psnr, 
 from vaegan.pretrained.inception import INCEPTION_FILE, InceptionFeatures, MissingInceptionWeights, build_inception
 from vaegan.pretrained.inception import resolve_variant as resolve_inception_variant
 
+from conftest import skimage_photos
+
 
 def _photo() -> torch.Tensor:
     return torch.from_numpy(data.astronaut()[::2, ::2].copy()).permute(2, 0, 1)[None]  # (1, 3, 256, 256) uint8
@@ -272,3 +274,17 @@ def test_a_missing_lpips_backbone_stops_before_any_work(two_models, tmp_path, mo
     monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="vgg16_features.safetensors"):
         evaluate(models=[str(two_models[0])], data="/nonexistent/images", lpips=("vgg",), progress=False)
+
+
+def test_images_too_small_for_the_protocol_are_skipped_as_encode_refuses_them(two_models, tmp_path):
+    # A 1x1 image upscaled to 64^2 would score the upscaling: eval skips it and says so, as encode refuses it.
+    images = skimage_photos(tmp_path / "images", 2)
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(images / "dot.png")
+    Image.new("RGB", (40, 31), (20, 30, 200)).save(images / "small.png")  # 31 < 64 / 2
+    result = evaluate(models=[str(two_models[0])], data=str(images), resolution=64, lpips=(), rfid=False,
+                      num_workers=0, diagnostics=False, progress=False)
+    assert result.num_images == 2
+    assert sorted(Path(skip[0]).name for skip in result.skipped) == ["dot.png", "small.png"]
+    kept = evaluate(models=[str(two_models[0])], data=str(images), resolution=64, lpips=(), rfid=False, min_size=30,
+                    num_workers=0, diagnostics=False, progress=False)
+    assert kept.num_images == 3

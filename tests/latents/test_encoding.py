@@ -329,3 +329,14 @@ print(json.dumps(rows))
     for name, row in plain.items():
         assert row["shape"] == ours[name]["latent_shape"]
         np.testing.assert_array_equal(np.array(row["mean"], np.float32), ours[name]["mean"])
+
+
+def test_max_images_encodes_the_first_images_and_a_rerun_must_agree(tiny_vae, tmp_path):
+    images = skimage_photos(tmp_path / "images", 5)
+    out = tmp_path / "latents"
+    summary = encode_dataset(tiny_vae, images, out, crop=32, max_images=3, shard_size=2, num_workers=0,
+                             device="cpu", progress=False)
+    assert summary.encoded == 3 and sorted(row["index"] for row in read_rows(out)) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"source.items: 3 -> 4"):  # the old and new values, not just the key
+        encode_dataset(tiny_vae, images, out, crop=32, max_images=4, shard_size=2, num_workers=0, device="cpu",
+                       progress=False)

@@ -146,6 +146,7 @@ def evaluate(
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     batch_size: int = 8,
     max_images: int | None = None,
+    min_size: int | None = None,
     lpips: tuple[Literal["alex", "vgg", "squeeze"], ...] = ("alex",),
     rfid: bool = True,
     inception_weights: str | None = None,
@@ -175,6 +176,9 @@ def evaluate(
             in fp32.
         batch_size: images per forward pass.
         max_images: only the first N images (in the source's sorted order).
+        min_size: images whose shorter side is below this are skipped and listed in summary.json, as
+            `vaegan encode` refuses them: scoring an image upscaled many times over measures the upscaling. Default:
+            half the resolution, as encode's.
         lpips: LPIPS backbones: alex is the usual evaluation metric; vgg (what the SD recipe trains with) needs
             vgg16_features.safetensors in $VAEGAN_WEIGHTS_DIR. A missing one stops the run before any work; an
             empty list skips LPIPS.
@@ -200,8 +204,8 @@ def evaluate(
     )
     codecs, results = open_models(specs, resolution, device, resolve_dtype(dtype), batch_size, preset)
 
-    # No size filter: the benchmark is the whole set, and the protocol resizes every image to `resolution`.
-    reader, scan_skipped = open_reader(data, split, image_column, min_size=0)
+    reader, scan_skipped = open_reader(data, split, image_column, min_size=resolution // 2 if min_size is None
+                                       else min_size)
     dataset = EvalImages(reader, resolution, limit=max_images)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_named,

@@ -79,7 +79,8 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     progress = tqdm(disable=True) if progress is None else progress  # (a tqdm bar has no truth value)
     folder = Path(job.output)
     folder.mkdir(parents=True, exist_ok=True)
-    source = open_source(job.input, job.shard_size, job.split, job.image_column, job.id_column, job.streaming)
+    source = open_source(job.input, job.shard_size, job.split, job.image_column, job.id_column, job.streaming,
+                         job.max_images)
     if source.num_shards == 0:
         raise ValueError(f"{job.input}: no images to encode")
     vae = load(job.model, config=job.preset, scaling_factor=job.scaling_factor, shift_factor=job.shift_factor)

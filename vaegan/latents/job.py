@@ -40,6 +40,8 @@ class EncodeJob:
         image_column: image column of a datasets source (webdataset names it by extension, e.g. jpg).
         id_column: column whose value is the row's id (e.g. __key__ for webdataset); default: the row index.
         streaming: stream a datasets source instead of downloading it; one worker per source file.
+        max_images: only the first N images (in the source's sorted order), as for eval and export; a rerun must
+            give the same N (not with streaming).
         store: posterior: mean and logvar, so training can resample; mean or sample: half the size.
         latent_dtype: stored precision: fp16 (half of fp32's bytes; its 2^-11 relative rounding is far below what
             the VAE reconstructs), bf16 (stored as uint16 bits) or fp32.
@@ -77,6 +79,7 @@ class EncodeJob:
     image_column: str = "image"
     id_column: str | None = None
     streaming: bool = False
+    max_images: int | None = None
     store: Literal["posterior", "mean", "sample"] = "posterior"
     latent_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -38,10 +38,10 @@ Item = tuple[int, str, Callable[[], Image.Image], Callable[[], tuple[bytes, str]
 class ReaderSource:
     """An image folder or a map-style `datasets` source, cut into shards of `shard_size` items."""
 
-    def __init__(self, reader: ImageReader, shard_size: int):
+    def __init__(self, reader: ImageReader, shard_size: int, max_items: int | None = None):
         self.reader, self.shard_size = reader, shard_size
         self.kind = reader.kind
-        self.num_items = len(reader)
+        self.num_items = len(reader) if max_items is None else min(len(reader), max_items)
         self.num_shards = math.ceil(self.num_items / shard_size)
 
     def fingerprint(self) -> str:
@@ -105,13 +105,17 @@ Source = ReaderSource | StreamSource
 
 def open_source(
     input: str, shard_size: int, split: str = "train", image_column: str = "image", id_column: str | None = None,
-    streaming: bool = False,
+    streaming: bool = False, max_items: int | None = None,
 ) -> Source:
     """`input` as a source: a folder holding images, or anything `vaegan.images.readers.load_hub_source` opens (a local
     dataset folder, `imagefolder:PATH`, `webdataset:PATH`, `parquet:PATH`, a `save_to_disk` folder, a hub name)."""
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_images={max_items} must be at least 1")
     if not streaming:
         reader, _ = open_reader(input, split, image_column, min_size=0, id_column=id_column, scan=False)
-        return ReaderSource(reader, shard_size)
+        return ReaderSource(reader, shard_size, max_items)
+    if max_items is not None:
+        raise ValueError("max_images needs a source read by index: a stream is cut into shards by its files")
     if is_image_folder(input):
         raise ValueError(f"{input} is a folder, read directly; use imagefolder:{input} to stream it")
     dataset = load_hub_source(input, split, streaming=True)
