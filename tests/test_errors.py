@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import vaegan
+from vaegan.latents.encode import encode_dataset
+
+from conftest import skimage_photos
 
 
 class Evil:
@@ -39,6 +42,8 @@ def workspace(tmp_path_factory) -> Path:
     torch.save(nan, folder / "nan.pt")
     (folder / "images").mkdir()
     (folder / "images" / "notes.txt").write_text("not an image")
+    encode_dataset(folder / "vae", skimage_photos(folder / "photos", 3), folder / "encoded", crop=32,
+                   num_workers=0, device="cpu", progress=False)
     return folder
 
 
@@ -61,6 +66,10 @@ BAD_INPUTS = [
     (["encode", "--config", "encode.yaml"], "encode.yaml: unknown key crpo (did you mean crop?)"),
     (["encode", "--model", "vae"], "missing --input, --output"),
     (["encode", *ENCODE, "--crop", "32"], "images is a folder with neither images (.bmp, .gif"),
+    (["encode", "--model", "vae", "--input", "photos", "--output", "encoded", "--crop", "64", "--device", "cpu",
+      "--num_processes", "2", "--num_workers", "0", "--progress", "false"],
+     'encoded holds latents encoded with other settings or from a changed source (resolution: {"policy": "crop", '
+     '"size": 32'),
     (["decode", "--input", "evil.pt", *DECODE], "evil.pt is not a readable latent file"),
     (["decode", "--input", "truncated.pt", *DECODE], "truncated.pt is not a readable latent file"),
     (["decode", "--input", "nan.pt", *DECODE], "nan.pt, latent nan-00000: 1 of 256 latent values are not finite"),

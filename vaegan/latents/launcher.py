@@ -68,10 +68,12 @@ class SharedProgress:
 
 @dataclass(frozen=True)
 class RankFailure:
-    """A rank that raised instead of returning: its exception, as text (exceptions do not always pickle)."""
+    """A rank that raised instead of returning: its exception, as text (exceptions do not always pickle), and
+    whether it was a failure the user can fix (a bad file or value: `ValueError`, `OSError`) rather than a bug."""
 
     rank: int
     error: str
+    expected: bool = False
 
 
 def worker_start_method() -> str | None:
@@ -125,6 +127,8 @@ def launch(target: Callable[..., Any], job: Any, num_processes: int, unit: str, 
     failures += [RankFailure(rank, f"exit code {process.exitcode}") for rank, process in enumerate(processes)
                  if process.exitcode and rank not in answered]
     if failures:
+        if all(failure.expected for failure in failures):  # the same bad input seen by every rank: say it once
+            raise ValueError(failures[0].error)
         reasons = "; ".join(f"rank {failure.rank}: {failure.error}" for failure in failures)
         raise RuntimeError(f"{description} failed in {len(failures)} process(es): {reasons}. Rerun to resume")
     return sorted(collected, key=lambda result: result.rank)
@@ -138,6 +142,9 @@ def _rank_process(target: Callable[..., Any], job: Any, rank: int, world_size: i
     try:
         results.put(target(job, Rank(rank, world_size, rank, world_size), SharedProgress(done, total)))
     except BaseException as error:
-        traceback.print_exc()
-        results.put(RankFailure(rank, f"{type(error).__name__}: {error}"))
+        if isinstance(error, (ValueError, OSError)):  # a message for the user, which the launcher passes on
+            results.put(RankFailure(rank, str(error), expected=True))
+        else:
+            traceback.print_exc()
+            results.put(RankFailure(rank, f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from error
