@@ -99,7 +99,7 @@ def test_decode_a_samplers_latents_and_a_single_shard(encoded, tmp_path):
     paths = decode_latents(input=shard, output=tmp_path / "one", model=model, format="jpeg", limit=2, device="cpu",
                            progress=False)
     assert len(paths) == 2 and all(path.suffix == ".jpg" for path in paths)
-    with pytest.raises(ValueError, match="pass model="):
+    with pytest.raises(ValueError, match="give the VAE with --model"):
         decode_latents(input=tmp_path / "samples.pt", output=tmp_path / "images", progress=False)
 
 

@@ -276,7 +276,8 @@ def image_column_only(dataset: Any, column: str, spec: str, keep: tuple[str, ...
 
     names = dataset.column_names
     if names is not None and column not in names:
-        raise ValueError(f"{spec} has no column {column!r}; its columns are {names}: set image_column")
+        raise ValueError(f"{spec} has no column {column!r}; its columns are {names}: name the image "
+                         "column with --image_column")
     dataset = dataset.select_columns([column, *keep])
     if isinstance((dataset.features or {}).get(column), datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))

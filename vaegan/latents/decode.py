@@ -130,7 +130,8 @@ def decode_latents(
             check_finite(latent, f"{source}, latent {name}", "--allow_nonfinite true")
         dataset, expected_hash = None, None
         if model is None:
-            raise ValueError(f"{source}: a tensor file does not say which VAE made it; pass model=")
+            raise ValueError(f"{source}: a tensor file does not say which VAE made it; give the VAE with --model "
+                             "(model= in Python)")
     else:
         dataset = LatentDataset(source, sample=sample)
         expected_hash = dataset.metadata.get("vae_sha256")
@@ -138,7 +139,7 @@ def decode_latents(
             named_model = (dataset.manifest or {}).get("vae", {}).get("source")
             if not named_model or not Path(named_model).exists():
                 raise ValueError(f"{source}: the VAE that encoded it ({named_model or 'unknown'}) is not at hand; "
-                                 "pass model=")
+                                 "give the VAE with --model (model= in Python)")
             model = named_model
     vae = load(model, config=preset)
     if expected_hash and weights_sha256(vae) != expected_hash:

@@ -103,7 +103,8 @@ class EncodeJob:
         object.__setattr__(self, "input", str(self.input))
         object.__setattr__(self, "output", str(self.output))
         if len([size for size in (self.crop, self.buckets, self.max_side) if size is not None]) != 1:
-            raise ValueError("choose exactly one resolution policy: crop=SIZE, buckets=SIZE or max_side=SIZE")
+            raise ValueError("choose exactly one resolution policy: --crop SIZE, --buckets SIZE or --max_side SIZE "
+                             "(in Python: crop=, buckets= or max_side=)")
         if self.store not in STORES:
             raise ValueError(f"store={self.store!r}; choose one of {', '.join(STORES)}")
         if self.latent_dtype not in STORAGE_TYPES:
