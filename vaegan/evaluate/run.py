@@ -214,12 +214,12 @@ def evaluate(
     run = _Run(codecs, results, lpips_networks, inception, resolution >= MS_SSIM_MIN_SIZE, sheets, len(dataset),
                diagnostics)
     run.skipped += scan_skipped
-    bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode():
-        for batch in loader:
-            run.add(batch, device)
-            bar.update(len(batch["index"]) + len(batch["skipped"]))  # after the work: the rate is honest
-    bar.close()
+    # The bar closes on the way out of a failure too, so an error is printed on a line of its own.
+    with tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+        with torch.inference_mode():
+            for batch in loader:
+                run.add(batch, device)
+                bar.update(len(batch["index"]) + len(batch["skipped"]))  # after the work: the rate is honest
     if not run.rows:
         raise ValueError(f"{data}: no image could be read ({len(run.skipped)} skipped)")
     run.rows.sort(key=lambda row: [spec.label for spec in specs].index(row["model"]))  # stable: data order kept

@@ -109,17 +109,16 @@ def launch(target: Callable[..., Any], job: Any, num_processes: int, unit: str, 
     ]
     for process in processes:
         process.start()
-    bar = tqdm(total=0, unit=unit, desc=f"{description} ({num_processes} processes)", disable=not show_progress)
     collected: list[Any] = []
-    while len(collected) < num_processes:
-        try:
-            collected.append(results.get(timeout=0.5))
-        except queue.Empty:
-            if not any(process.is_alive() for process in processes):
-                break
-        bar.total = total.value
-        bar.update(done.value - bar.n)
-    bar.close()
+    with tqdm(total=0, unit=unit, desc=f"{description} ({num_processes} processes)", disable=not show_progress) as bar:
+        while len(collected) < num_processes:
+            try:
+                collected.append(results.get(timeout=0.5))
+            except queue.Empty:
+                if not any(process.is_alive() for process in processes):
+                    break
+            bar.total = total.value
+            bar.update(done.value - bar.n)
     for process in processes:
         process.join()
     failures = [result for result in collected if isinstance(result, RankFailure)]
