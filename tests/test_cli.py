@@ -104,7 +104,7 @@ def test_bad_option_values_and_unknown_commands_read_like_errors(monkeypatch, ca
         main(["fit", "--model.perceptual_net", "squeeze", "--data.val_holdout", "2", "--trainer.logger", "false"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "vaegan fit: error: val_holdout must be a fraction in [0, 1), got 2.0"
+        "vaegan fit: error: --data.val_holdout=2.0 must be a fraction in [0, 1)"
     )
     with pytest.raises(SystemExit) as exited:
         main(["train"])
@@ -118,7 +118,7 @@ def test_bad_option_values_and_unknown_commands_read_like_errors(monkeypatch, ca
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert "Traceback (most recent call last):" in error and error.rstrip().endswith(
-        "ValueError: val_holdout must be a fraction in [0, 1), got 2.0")
+        "ValueError: --data.val_holdout=2.0 must be a fraction in [0, 1)")
 
 
 def test_a_reader_that_closes_early_gets_no_broken_pipe_complaint(tmp_path):

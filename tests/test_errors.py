@@ -56,6 +56,8 @@ BAD_INPUTS = [
     (["fit", "--model.lr", "-1e-3"], "--model.lr: a negative value is read as an option; write it as --model.lr=-1e-3"),
     (["fit", "--model.lr=-1e-3"], "--model.lr=-0.001: a learning rate must be positive"),
     (["fit", "--model.lr", "fast"], "--model.lr: 'fast' is not a number"),
+    (["fit", "--model.perceptual_net", "squeeze", "--data.val_holdout", "2"],
+     "--data.val_holdout=2.0 must be a fraction in [0, 1)"),
     (["fit", "--model.gan_loss", "hinje"], "--model.gan_loss: 'hinje' is not one of 'hinge', 'vanilla'"),
     (["fit", "--model.eq.wieght", "1"], "unknown option --model.eq.wieght (did you mean --model.eq.weight?)"),
     (["fit", "--ckpt_path", "evil.ckpt"], "evil.ckpt is not a readable checkpoint"),

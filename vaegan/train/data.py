@@ -295,7 +295,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= val_holdout < 1.0:
-            raise ValueError(f"val_holdout must be a fraction in [0, 1), got {val_holdout}")
+            raise ValueError(f"--data.val_holdout={val_holdout} must be a fraction in [0, 1)")
         if streaming and (source is None or is_image_folder(source)):
             raise ValueError(
                 f"streaming applies to `datasets` sources; source={source!r} is read from disk directly "
