@@ -82,9 +82,15 @@ train=(python benchmarks/train.py --device "$device" --arch "$train_arch" --reso
   --batch-size "$train_batch" --steps "$train_steps" --warmup "$train_warmup" --precision "$train_precision")
 
 step codec-bf16 "${codec[@]}" --dtype bf16 --sizes $sizes $memory --json "$out/codec-bf16.json"
-# Where a call's time goes, operator by operator (one call each, untimed).
+# The same rows with GroupNorm + SiLU in the Triton kernels (vaegan.kernels, opt-in until measured here).
+step codec-bf16-kernels env VAEGAN_KERNELS=triton "${codec[@]}" --dtype bf16 --sizes $sizes \
+  --json "$out/codec-bf16-kernels.json"
+# Where a call's time goes, operator by operator (one call each, untimed), with PyTorch's ops and the kernels.
 step profile "${codec[@]}" --dtype bf16 --sizes $profile_size --repeats 1 --profile "$out/profile-bf16.txt"
+step profile-kernels env VAEGAN_KERNELS=triton "${codec[@]}" --dtype bf16 --sizes $profile_size --repeats 1 \
+  --profile "$out/profile-bf16-kernels.txt"
 step train "${train[@]}" --json "$out/train.json"
+step train-kernels env VAEGAN_KERNELS=triton "${train[@]}" --json "$out/train-kernels.json"
 step codec-fp16 "${codec[@]}" --dtype fp16 --sizes $sizes --json "$out/codec-fp16.json"
 step fp16-fallback python scripts/fp16_fallback.py --arch "$arch" --device "$device" --size "$fallback_size" \
   --json "$out/fp16.json"

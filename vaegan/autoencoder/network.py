@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from vaegan.kernels.group_norm import group_norm_silu, kernels_apply
 
 
 @dataclass(frozen=True)
@@ -180,9 +183,19 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+# GroupNorm + SiLU through Triton's kernels (`vaegan.kernels`) where they run (CUDA), with VAEGAN_KERNELS=triton;
+# PyTorch's ops otherwise. Opt-in until a GPU has measured the kernels against the ops (docs/guides/gpu.md).
+KERNELS = os.environ.get("VAEGAN_KERNELS", "torch")
+if KERNELS not in ("torch", "triton"):
+    warnings.warn(f"VAEGAN_KERNELS={KERNELS} is neither triton nor torch: PyTorch's ops run", stacklevel=1)
+
+
 def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm, then SiLU; in place on the norm's fresh output when no gradient is being recorded, which
-    spares a large allocation per layer (the CPU benchmark page measures what it buys)."""
+    spares a large allocation per layer (the CPU benchmark page measures what it buys). Under `torch.compile`
+    always PyTorch's ops: inductor fuses them itself."""
+    if KERNELS == "triton" and kernels_apply(x) and not torch.compiler.is_compiling():
+        return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
