@@ -68,7 +68,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, num_groups, eps, silu):
         x = _strided(x)
-        n, c = x.shape[:2]
+        c = x.shape[1]
         weight = torch.ones(c, device=x.device) if weight is None else weight
         bias = torch.zeros(c, device=x.device) if bias is None else bias
         count, mean, m2 = _merge(*_tile_statistics(x, num_groups))
@@ -95,7 +95,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         strides = (*_nchw_strides(x), *_nchw_strides(grad_out))
         _backward_reduce[(n * groups, blocks)](
             x, grad_out, weight, bias, mean, rstd, sum_dxhat, sum_dxhat_xhat, grad_weight, grad_bias,
-            *strides, c, pixels, groups, blocks, channels,
+            *strides, pixels, groups, blocks, channels,
             SILU=ctx.silu, CHANNEL_BLOCK=triton.next_power_of_2(channels), PIXEL_BLOCK=PIXEL_BLOCK,
         )
         launches["backward_reduce"] += 1
@@ -105,7 +105,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         _backward_apply[(n * groups, blocks)](
             x, grad_out, grad_x, weight, bias, mean, rstd, mean_dxhat, mean_dxhat_xhat,
-            *strides, *_nchw_strides(grad_x), c, pixels, groups, channels,
+            *strides, *_nchw_strides(grad_x), pixels, groups, channels,
             SILU=ctx.silu, CHANNEL_BLOCK=triton.next_power_of_2(channels), PIXEL_BLOCK=PIXEL_BLOCK,
         )
         launches["backward_apply"] += 1
@@ -145,7 +145,7 @@ def _tile_statistics(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, to
     count = torch.empty(n, num_groups, blocks, device=x.device, dtype=torch.float32)
     mean, m2 = torch.empty_like(count), torch.empty_like(count)
     _statistics[(n * num_groups, blocks)](
-        x, count, mean, m2, *_nchw_strides(x), c, pixels, num_groups, blocks, channels,
+        x, count, mean, m2, *_nchw_strides(x), pixels, num_groups, blocks, channels,
         CHANNEL_BLOCK=triton.next_power_of_2(channels), PIXEL_BLOCK=PIXEL_BLOCK,
     )
     launches["statistics"] += 1
@@ -167,7 +167,7 @@ def _launch_apply(x, out, weight, bias, mean, rstd, residual, num_groups, silu) 
     residual_strides = _nchw_strides(residual) if residual is not None else (0, 0, 0)
     _apply[(n * num_groups, blocks)](
         x, out, residual if residual is not None else x, weight, bias, mean, rstd,
-        *_nchw_strides(x), *_nchw_strides(out), *residual_strides, c, pixels, num_groups, channels,
+        *_nchw_strides(x), *_nchw_strides(out), *residual_strides, pixels, num_groups, channels,
         SILU=silu, RESIDUAL=residual is not None,
         CHANNEL_BLOCK=triton.next_power_of_2(channels), PIXEL_BLOCK=PIXEL_BLOCK,
     )
@@ -179,7 +179,7 @@ def _launch_apply(x, out, weight, bias, mean, rstd, residual, num_groups, silu) 
 if triton is not None:
 
     @triton.jit
-    def _tile(program, block, stride_n, stride_c, stride_p, num_channels, pixels, groups, channels,
+    def _tile(program, block, stride_n, stride_c, stride_p, pixels, groups, channels,
               CHANNEL_BLOCK: tl.constexpr, PIXEL_BLOCK: tl.constexpr):
         """Offsets [CHANNEL_BLOCK, PIXEL_BLOCK] of one tile, its mask and its channel indices."""
         sample, group = program // groups, program % groups
@@ -190,10 +190,10 @@ if triton is not None:
         return offsets, mask, channel
 
     @triton.jit
-    def _statistics(x_ptr, count_ptr, mean_ptr, m2_ptr, stride_n, stride_c, stride_p, num_channels, pixels,
+    def _statistics(x_ptr, count_ptr, mean_ptr, m2_ptr, stride_n, stride_c, stride_p, pixels,
                     groups, blocks, channels, CHANNEL_BLOCK: tl.constexpr, PIXEL_BLOCK: tl.constexpr):
         program, block = tl.program_id(0), tl.program_id(1)
-        offsets, mask, _ = _tile(program, block, stride_n, stride_c, stride_p, num_channels, pixels, groups,
+        offsets, mask, _ = _tile(program, block, stride_n, stride_c, stride_p, pixels, groups,
                                  channels, CHANNEL_BLOCK, PIXEL_BLOCK)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         count = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
@@ -218,10 +218,10 @@ if triton is not None:
     @triton.jit
     def _apply(x_ptr, out_ptr, residual_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr,
                stride_n, stride_c, stride_p, out_stride_n, out_stride_c, out_stride_p,
-               residual_stride_n, residual_stride_c, residual_stride_p, num_channels, pixels, groups, channels,
+               residual_stride_n, residual_stride_c, residual_stride_p, pixels, groups, channels,
                SILU: tl.constexpr, RESIDUAL: tl.constexpr, CHANNEL_BLOCK: tl.constexpr, PIXEL_BLOCK: tl.constexpr):
         program, block = tl.program_id(0), tl.program_id(1)
-        offsets, mask, channel = _tile(program, block, stride_n, stride_c, stride_p, num_channels, pixels, groups,
+        offsets, mask, channel = _tile(program, block, stride_n, stride_c, stride_p, pixels, groups,
                                        channels, CHANNEL_BLOCK, PIXEL_BLOCK)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         channel_mask = tl.arange(0, CHANNEL_BLOCK) < channels
@@ -230,9 +230,9 @@ if triton is not None:
             z = z * tl.sigmoid(z)
         if RESIDUAL:
             residual_offsets, _, _ = _tile(program, block, residual_stride_n, residual_stride_c, residual_stride_p,
-                                           num_channels, pixels, groups, channels, CHANNEL_BLOCK, PIXEL_BLOCK)
+                                           pixels, groups, channels, CHANNEL_BLOCK, PIXEL_BLOCK)
             z += tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(tl.float32)
-        out_offsets, _, _ = _tile(program, block, out_stride_n, out_stride_c, out_stride_p, num_channels, pixels,
+        out_offsets, _, _ = _tile(program, block, out_stride_n, out_stride_c, out_stride_p, pixels,
                                   groups, channels, CHANNEL_BLOCK, PIXEL_BLOCK)
         tl.store(out_ptr + out_offsets, z.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -249,13 +249,13 @@ if triton is not None:
     @triton.jit
     def _backward_reduce(x_ptr, grad_out_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, sum_dxhat_ptr,
                          sum_dxhat_xhat_ptr, grad_weight_ptr, grad_bias_ptr, stride_n, stride_c, stride_p,
-                         grad_stride_n, grad_stride_c, grad_stride_p, num_channels, pixels, groups, blocks, channels,
+                         grad_stride_n, grad_stride_c, grad_stride_p, pixels, groups, blocks, channels,
                          SILU: tl.constexpr, CHANNEL_BLOCK: tl.constexpr, PIXEL_BLOCK: tl.constexpr):
         program, block = tl.program_id(0), tl.program_id(1)
-        offsets, mask, channel = _tile(program, block, stride_n, stride_c, stride_p, num_channels, pixels, groups,
+        offsets, mask, channel = _tile(program, block, stride_n, stride_c, stride_p, pixels, groups,
                                        channels, CHANNEL_BLOCK, PIXEL_BLOCK)
-        grad_offsets, _, _ = _tile(program, block, grad_stride_n, grad_stride_c, grad_stride_p, num_channels,
-                                   pixels, groups, channels, CHANNEL_BLOCK, PIXEL_BLOCK)
+        grad_offsets, _, _ = _tile(program, block, grad_stride_n, grad_stride_c, grad_stride_p, pixels, groups,
+                                   channels, CHANNEL_BLOCK, PIXEL_BLOCK)
         channel_mask = tl.arange(0, CHANNEL_BLOCK) < channels
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         grad_out = tl.load(grad_out_ptr + grad_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -274,14 +274,14 @@ if triton is not None:
     @triton.jit
     def _backward_apply(x_ptr, grad_out_ptr, grad_x_ptr, weight_ptr, bias_ptr, mean_ptr, rstd_ptr, mean_dxhat_ptr,
                         mean_dxhat_xhat_ptr, stride_n, stride_c, stride_p, grad_stride_n, grad_stride_c,
-                        grad_stride_p, out_stride_n, out_stride_c, out_stride_p, num_channels, pixels, groups,
+                        grad_stride_p, out_stride_n, out_stride_c, out_stride_p, pixels, groups,
                         channels, SILU: tl.constexpr, CHANNEL_BLOCK: tl.constexpr, PIXEL_BLOCK: tl.constexpr):
         program, block = tl.program_id(0), tl.program_id(1)
-        offsets, mask, channel = _tile(program, block, stride_n, stride_c, stride_p, num_channels, pixels, groups,
+        offsets, mask, channel = _tile(program, block, stride_n, stride_c, stride_p, pixels, groups,
                                        channels, CHANNEL_BLOCK, PIXEL_BLOCK)
-        grad_offsets, _, _ = _tile(program, block, grad_stride_n, grad_stride_c, grad_stride_p, num_channels,
-                                   pixels, groups, channels, CHANNEL_BLOCK, PIXEL_BLOCK)
-        out_offsets, _, _ = _tile(program, block, out_stride_n, out_stride_c, out_stride_p, num_channels, pixels,
+        grad_offsets, _, _ = _tile(program, block, grad_stride_n, grad_stride_c, grad_stride_p, pixels, groups,
+                                   channels, CHANNEL_BLOCK, PIXEL_BLOCK)
+        out_offsets, _, _ = _tile(program, block, out_stride_n, out_stride_c, out_stride_p, pixels,
                                   groups, channels, CHANNEL_BLOCK, PIXEL_BLOCK)
         channel_mask = tl.arange(0, CHANNEL_BLOCK) < channels
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
