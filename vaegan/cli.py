@@ -113,8 +113,8 @@ def parse(component: Callable, name: str, options: list[str]):
         return CLI(component, args=options, prog=f"vaegan {name}", exit_on_error=False)
     except ArgumentError as error:
         parser = capture_parser(lambda: CLI(component, args=[], prog=f"vaegan {name}"))
-        message = explain_parse_error(error, options, parser.get_defaults().keys())
-        raise CommandFailed(f"{message}; `vaegan {name} --help` lists the options") from error
+        raise CommandFailed(explain_parse_error(error, options, parser.get_defaults().keys(), f"vaegan {name}")) \
+            from error
 
 
 def command(name: str) -> Callable:

@@ -283,8 +283,3 @@ class Codec:
     def _prepare(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(device=self.device, dtype=dtype, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-# ---- image containers ----
-
-

@@ -78,12 +78,6 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
-
-
-
-
-
-
 def model_summary(result: EvaluationResult, model: ModelResult) -> dict[str, Any]:
     rows = model_rows(result, model.label)
     statistics = model.statistics
@@ -265,28 +259,3 @@ def diagnostics_table(result: EvaluationResult) -> str:
         cells.append("n/a" if correlation is None else f"{max_offdiagonal(correlation):.2f}")
         body.append(cells)
     return markdown_table(header, body)
-
-
-# ---- pictures ----
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -42,8 +42,6 @@ from vaegan.utils.dtypes import resolve_dtype
 RFID_RELIABLE_IMAGES = 2048
 
 
-
-
 class EvalImages(Dataset):
     """Item i: `{"index", "name", "image": (3, R, R) in [-1, 1]}`, or `{"index", "name", "error"}`.
 
@@ -244,8 +242,6 @@ def evaluate(
             print(f"wrote {len(paths)} files to {output} (results.md, summary.json, per_image.csv, "
                   f"per_image.png,{spectra} sheets/) in {result.seconds:.0f} s")
     return result
-
-
 
 
 def open_models(

@@ -1,22 +1,18 @@
-"""Read and write VAEs as diffusers folders and as single files in the original (CompVis, BFL) naming.
+"""Read VAEs from diffusers folders and single files in the original (CompVis, BFL) naming.
 
 `load` accepts what people actually have: a diffusers folder (`AutoencoderKL` or FLUX.2's
 `AutoencoderKLFlux2`, or a whole pipeline folder with `vae/`), a `.safetensors`/`.ckpt`/`.pt`/`.pth` file in
 diffusers or original naming, with or without the `first_stage_model.`/`vae.` prefix, also a whole Stable
-Diffusion checkpoint, and a hub name (`owner/name`, see `hub.py`). It is strict: any missing, unexpected or
-misshapen tensor, an unreadable file, or a config that contradicts the weights raises `FormatError` naming the
-file and the keys; nothing is ever loaded partially.
+Diffusion checkpoint, and a hub name (`owner/name`, see `vaegan.formats.hub`). It is strict: any missing,
+unexpected or misshapen tensor, an unreadable file, or a config that contradicts the weights raises
+`FormatError` naming the file and the keys; nothing is ever loaded partially.
 
-`save` writes the two artifacts the ecosystem loads: a diffusers folder (`from_pretrained`) and one
-safetensors file in the original naming (ComfyUI, A1111, `from_single_file`, Black Forest Labs' FLUX.2 code),
-carrying our config in its metadata so that `load` needs no guessing. Writes are atomic: a failure never
-replaces a good artifact.
-
-Original naming <-> diffusers: `down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder `up.(n-1-i)` <->
-`up_blocks.i` (levels numbered from the lowest resolution vs. in execution order), `mid.attn_1.{q,k,v,proj_out}`
-as 1x1 convs <-> `mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear. FLUX.2's original files (Black
-Forest Labs' `ae.safetensors`) also nest the quant convs: `encoder.quant_conv` <-> `quant_conv`,
-`decoder.post_quant_conv` <-> `post_quant_conv`; its `bn.*` statistics have the same names in both.
+`vaegan.formats.save` writes VAEs back, and `vaegan.formats.naming` renames between the two namings:
+`down.i.block.j` <-> `down_blocks.i.resnets.j`, decoder `up.(n-1-i)` <-> `up_blocks.i` (levels numbered from
+the lowest resolution vs. in execution order), `mid.attn_1.{q,k,v,proj_out}` as 1x1 convs <->
+`mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}` as Linear. FLUX.2's original files (Black Forest Labs'
+`ae.safetensors`) also nest the quant convs: `encoder.quant_conv` <-> `quant_conv`, `decoder.post_quant_conv`
+<-> `post_quant_conv`; its `bn.*` statistics have the same names in both.
 """
 
 from __future__ import annotations
@@ -63,20 +59,8 @@ MAX_LISTED_KEYS = 10
 BATCHES_TRACKED = "bn.num_batches_tracked"
 
 
-
 class FormatError(ValueError):
     """A file or folder that is not a VAE this package can load exactly; the message names file and keys."""
-
-
-# ----------------------------------------------------------------------------------------------- naming
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -1,4 +1,4 @@
-"""Image decoding and the two crop protocols, shared by training, dataset encoding and evaluation.
+"""Image decoding, shared by training, dataset encoding and evaluation (the crops are `vaegan.images.crops`).
 
 Every image that enters vaegan goes through `load_image`, so a photo reads the same way wherever it is used:
 EXIF orientation applied, any PIL mode turned into 8-bit RGB with its values scaled (never clipped), and one
@@ -137,13 +137,5 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
     return tensor.float() / 127.5 - 1.0
-
-
-
-
-
-
-
-
 
 

@@ -271,15 +271,3 @@ class BucketBatchSampler(Sampler[list[int]]):
         rounding = math.floor if self.drop_last else math.ceil
         batches = sum(rounding(len(members) / self.batch_size) for members in self._buckets())
         return batches // self.world_size
-
-
-# ---- decoding back to images ----
-
-
-
-
-
-
-
-
-

@@ -1,5 +1,5 @@
-"""What one `vaegan encode` run is, and the bookkeeping that makes it exactly-once: the job's settings, the
-manifest that records them, a record per committed shard, and the final manifest with the counts.
+"""The bookkeeping that makes a `vaegan encode` run exactly-once: the manifest that records the job's settings
+(`vaegan.latents.job`), a record per committed shard, and the final manifest with the counts.
 
     OUT/manifest.json                  the VAE, normalisation, dtype, resolution policy, source, counts;
                                        "complete": true once every shard is done
@@ -44,11 +44,6 @@ PLAN_KEYS = (
 ERRORS_IN_MANIFEST = 20
 
 
-
-
-
-
-
 def make_manifest(job: EncodeJob, source: Source, vae: AutoencoderKL, policy: ResolutionPolicy) -> dict:
     """manifest.json as first written (complete: false, no counts); `PLAN_KEYS` of it must match on resume."""
     config = vae.config
@@ -89,8 +84,6 @@ def shard_metadata(manifest: dict) -> dict:
         "normalization": latents["normalization"], "latent_channels": vae["latent_channels"],
         "downsampling_factor": vae["downsampling_factor"], "vae_sha256": vae["sha256"],
     }
-
-
 
 
 def claim_output(folder: Path, manifest: dict) -> None:

@@ -1,10 +1,10 @@
 """Reconstruction metrics, one implementation for training validation and for evaluation.
 
 Conventions follow the papers and their evaluation scripts: images are compared as uint8 in [0, 255] (a [-1, 1]
-range mistake costs 6.02 dB), PSNR is computed
-per image and then averaged, SSIM uses an 11-tap Gaussian window (sigma 1.5) on each RGB channel, MS-SSIM the
-five standard scales. The Fréchet distance of rFID is here; its Inception features are in `inception.py`, LPIPS
-in `perceptual.py`.
+range mistake costs 6.02 dB), PSNR is computed per image and then averaged, SSIM uses an 11-tap Gaussian window
+(sigma 1.5) on each RGB channel, MS-SSIM the five standard scales. The Fréchet distance of rFID is in
+`vaegan.metrics.distribution`, its Inception features in `vaegan.pretrained.inception`, LPIPS in
+`vaegan.pretrained.lpips`.
 """
 
 from __future__ import annotations
@@ -111,11 +111,5 @@ def latent_bits_per_pixel(
     channels, height, width = latent_shape
     bits = torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
     return channels * height * width * bits / (image_size[0] * image_size[1])
-
-
-
-
-
-
 
 

@@ -105,7 +105,6 @@ class VisionFeatures(nn.Module):
         return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid, grid)  # (B, D, g, g)
 
 
-
 def _drop_own_keys(module: VisionFeatures, state_dict: dict, prefix: str, local_metadata) -> None:
     for key in [key for key in state_dict if key.startswith(prefix)]:
         del state_dict[key]

@@ -65,12 +65,6 @@ DEMO_SCALES = (2, 4)
 GRID_SAMPLES = 64
 
 
-
-
-
-
-
-
 def probe(job: ProbeJob) -> ProbeResult:
     """Run a probe job (see `ProbeJob` for the options); returns what it measured and writes the report."""
     started = time.perf_counter()

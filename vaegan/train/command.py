@@ -1,7 +1,7 @@
 """`vaegan fit` and `vaegan validate`: LightningCLI over `VAEGAN` and `ImageDataModule`, which maps YAML configs
-and `--key value` flags onto their arguments, with two additions: a checkpoint named by `--ckpt_path` is checked
-whole before Lightning reads it, and the flat regulariser options of older configs, command lines and
-checkpoints are read into their groups (`vaegan.train.regularizer_options`).
+and `--key value` flags onto their arguments, with three additions: a refused option is one line, a checkpoint
+named by `--ckpt_path` is checked whole before its hyperparameters are read, and the flat regulariser options of
+older configs, command lines and checkpoints are read into their groups (`vaegan.train.regularizer_options`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from vaegan.formats.checkpoints import check_complete, read_checkpoint
+from vaegan.formats.checkpoints import read_checkpoint
 from vaegan.train.data import ImageDataModule
 from vaegan.train.module import VAEGAN, TrainingDiverged
 from vaegan.train.regularizer_options import flat_key_target, migrate_flat_options, warn_flat_options
@@ -35,17 +35,13 @@ class TrainingCLI(LightningCLI):
         except ArgumentError as error:  # one line naming the option or file, not a screen of usage
             subcommand = args[0] if args and args[0] in self._subcommand_parsers else "fit"
             known = self._subcommand_parsers[subcommand].get_defaults().keys()
-            message = explain_parse_error(error, list(args), known)
-            raise ValueError(f"{message}; `vaegan {subcommand} --help` lists the options") from error
-        # LightningCLI reads a checkpoint named by --ckpt_path for its hyperparameters right after this: one cut
-        # short is refused by name here rather than by the zip reader.
-        if self.checkpoint_path():
-            check_complete(self.checkpoint_path())
+            raise ValueError(explain_parse_error(error, list(args), known, f"vaegan {subcommand}")) from error
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI puts the checkpoint's hyperparameters over the config here (the settings that shape the
         # networks come from the checkpoint). One written before the regulariser options were grouped holds them
-        # flat: they are moved into their groups first, as in the configs of that time.
+        # flat: they are moved into their groups first, as in the configs of that time. `read_checkpoint` refuses
+        # one cut short by name rather than with the zip reader's complaint.
         path = self.checkpoint_path()
         if path is None:
             return

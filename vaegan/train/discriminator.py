@@ -2,7 +2,7 @@
 
 It classifies overlapping patches rather than whole images: each output logit sees a 70x70 receptive field
 (with the default three strided layers), so it judges local texture, which is exactly what L1 + LPIPS leave
-blurry. The network knows nothing of losses or optimizers; `losses.py` turns its logits into losses and the
+blurry. The network knows nothing of losses or optimizers; `vaegan.train.losses` turns its logits into losses and the
 training module owns it and its optimizer.
 """
 

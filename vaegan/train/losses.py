@@ -14,10 +14,7 @@ that the adaptive GAN weight cancels (it is a ratio of gradient norms).
 The discriminator, the perceptual network and the learnable log-variance belong to the training module;
 these functions only combine what they produce.
 
-Diffusability regularisers (each off by default in the training module) follow the adversarial terms: EQ-VAE
-and scale equivariance share `equivariance_loss` and differ in the transform they draw; latent noise is
-`latent_noise_loss`; alignment to a frozen vision model is `vf_loss`. Whatever they draw at random comes from a
-`torch.Generator` the caller passes in, never from the global random state.
+The diffusability regularisers are in `vaegan.train.regularizers`.
 """
 
 from __future__ import annotations
@@ -199,36 +196,5 @@ def gan_weight_schedule(batch_index: int, start: int, warmup: int) -> float:
     discriminator from wrecking the reconstructions (taming-transformers #44).
     """
     return term_schedule(batch_index, start, warmup)
-
-
-
-
-# ---------------------------------------------------------------- diffusability: equivariance
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- diffusability: latent noise
-
-
-
-
-
-
-# ---------------------------------------------------------------- diffusability: alignment to a vision model
-
-
 
 

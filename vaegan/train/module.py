@@ -95,7 +95,7 @@ class VAEGAN(L.LightningModule):
         perceptual_weight: LPIPS weight (1.0 in LDM, 0.1 in ft-MSE, 0.25 in Stability's sgm configs).
         perceptual_weights_file: backbone weights; else `$VAEGAN_WEIGHTS_DIR`, else torchvision's cache.
         allow_random_perceptual: permit a random LPIPS backbone when no weights exist (only for smoke tests).
-        kl_weight: weight of the KL term, whose reduction is a per-element mean (see `losses.kl_loss`).
+        kl_weight: weight of the KL term, whose reduction is a per-element mean (see `vaegan.train.losses.kl_loss`).
         learn_logvar: optimize the log-variance of the reconstruction likelihood (LDM defines it, never trains it).
         logvar_init: its initial value.
         disc_start: batch (not optimizer step) at which the discriminator starts training.

@@ -1,5 +1,11 @@
 """The diffusability regularisers, as pure functions: EQ-VAE's and scale equivariance, latent noise, VA-VAE's
-alignment to a vision model, and the schedule that switches each on and off in batches."""
+alignment to a vision model, and the schedule that switches each on and off in batches.
+
+Each is off by default in the training module. EQ-VAE and scale equivariance share `equivariance_loss` and differ
+in the transform they draw; latent noise is `latent_noise_loss`; alignment to a frozen vision model is `vf_loss`.
+Whatever they draw at random comes from a `torch.Generator` the caller passes in, never from the global random
+state.
+"""
 
 from __future__ import annotations
 

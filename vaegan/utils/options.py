@@ -13,9 +13,14 @@ import yaml
 TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text", "NoneType": "null"}
 
 
-def explain_parse_error(error: Exception, argv: list[str], known: Iterable[str]) -> str:
-    """What jsonargparse's `error` means for the arguments `argv`, whose valid keys are `known` (dotted, without
-    dashes), in one line."""
+def explain_parse_error(error: Exception, argv: list[str], known: Iterable[str], command: str) -> str:
+    """What jsonargparse's `error` means for the arguments `argv` of `command` ("vaegan encode"), whose valid keys
+    are `known` (dotted, without dashes), in one line that ends by pointing to the command's help."""
+    return f"{describe(error, argv, known)}; `{command} --help` lists the options"
+
+
+def describe(error: Exception, argv: list[str], known: Iterable[str]) -> str:
+    """The mistake behind jsonargparse's `error`, named as the user wrote it."""
     text = " ".join(str(error).split())
     known = sorted(known)
     if match := re.match(r"unrecognized arguments: (--?[\w.-]+)", text):
