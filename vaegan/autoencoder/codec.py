@@ -34,8 +34,10 @@ from PIL import Image
 
 from vaegan.autoencoder.blend_tiling import TileGrid, blend_tiles
 from vaegan.autoencoder.exact_tiling import decode_exact, encode_exact
+from vaegan.autoencoder.halo_tiling import receptive_radius, run_with_halo
 from vaegan.autoencoder.network import AutoencoderKL, DiagonalGaussian
 from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.images.convert import ImageInput, OutputKind, from_float_images, to_float_images
 from vaegan.utils.dtypes import resolve_dtype
 
@@ -63,12 +65,16 @@ def check_finite(latents: torch.Tensor, what: str = "latents", allow: str = "all
 class Codec:
     """A frozen VAE that encodes images to normalised latents and decodes them back (see the module doc).
 
-    The codec takes the module over: it is moved and cast in place, put in eval mode and frozen.
+    The codec takes the module over: it is moved and cast in place, put in eval mode and frozen. A tiny
+    autoencoder (`vaegan.autoencoder.tiny`) works the same way, in its teacher's normalised space: so
+    `Codec(big).encode` then `Codec(tiny).decode` is a preview of the big VAE's decode. Its exact tiling reads
+    each tile with a halo as wide as the network's receptive field (`vaegan.autoencoder.halo_tiling`); TAEF2,
+    whose pool branch normalises over the whole image, runs whole unless blended tiles are asked for.
     """
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | TinyAutoencoder,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
         batch_size: int = 4,
@@ -140,7 +146,17 @@ class Codec:
         # keeps torch.compile from breaking on encode.
         self._encoder = torch.compile(self.vae.moments, dynamic=False) if compile else self.vae.moments
         self._decoder = torch.compile(self.vae.decode, dynamic=False) if compile else self.vae.decode
-        self._fp32_vae: AutoencoderKL | None = None  # made on the first fp16 overflow
+        self._fp32_vae: AutoencoderKL | TinyAutoencoder | None = None  # made on the first fp16 overflow
+        self._halo = None  # latent pixels of context per side of an exact tile: tiny autoencoders only
+        if isinstance(vae, TinyAutoencoder):
+            if vae.config.midblock_pool and tiling == "exact":
+                if tile_size is not None:
+                    raise ValueError("this tiny autoencoder's pool branch normalises over the whole image, so no "
+                                     "tiling of it is exact: use tiling='blend', or no tile_size")
+                self.auto_tile_pixels = None
+            parts = {True: vae.encoder, False: vae.decoder}
+            self._halo = {encode: receptive_radius(part, encode, self.factor)
+                          for encode, part in parts.items() if part is not None}
 
     # ---- public API ----
 
@@ -268,9 +284,13 @@ class Codec:
             )
         return self._run(self._fp32_vae, self._prepare(x, torch.float32), encode, exact_tile)
 
-    def _run(self, vae: AutoencoderKL, x: torch.Tensor, encode: bool, exact_tile: int | None) -> torch.Tensor:
+    def _run(self, vae: AutoencoderKL | TinyAutoencoder, x: torch.Tensor, encode: bool,
+             exact_tile: int | None) -> torch.Tensor:
         """`vae`'s encoder (moments) or decoder on x: in exact tiles when `exact_tile` is given, else whole, through
         the (possibly compiled) calls made at construction for the codec's own network."""
+        if exact_tile is not None and self._halo is not None:
+            network = vae.moments if encode else vae.decode
+            return run_with_halo(network, x, exact_tile, self._halo.get(encode, 0), self.factor, encode)
         if exact_tile is not None:
             # The fp32 redo of an fp16 overflow keeps its activations in fp32 too: fp16 is what overflowed.
             stash_dtype = self.stash_dtype if vae is self.vae else None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vaegan.autoencoder.preview import LatentPreview
 from vaegan.kernels.group_norm import group_norm_silu, kernels_apply
 
 
@@ -435,6 +436,9 @@ class AutoencoderKL(nn.Module):
             if self.config.patch_size is not None
             else None
         )
+        # The latent -> RGB map of zero-cost previews, when one was fitted (`vaegan.autoencoder.preview`); not a
+        # tensor of the state dict: `vaegan.save` stores it beside the weights, where diffusers ignores it.
+        self.latent_preview: LatentPreview | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> AutoencoderKL:

@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 
 from vaegan.autoencoder.network import AutoencoderKL
+from vaegan.autoencoder.tiny import TinyAutoencoder
 
 Kind = Literal["scalar", "channel", "patch"]
 # "shift" (SD3, Flux): zero mean and unit variance; "scale" (SD 1.x, SDXL): shift 0, unit variance of z / std.
@@ -73,10 +74,17 @@ class LatentNormalization:
     # ---- where a normalisation comes from ----
 
     @classmethod
-    def of(cls, vae: AutoencoderKL) -> LatentNormalization:
+    def of(cls, vae: AutoencoderKL | TinyAutoencoder) -> LatentNormalization:
         """The normalisation a VAE declares: its `bn` statistics (FLUX.2), else latents_mean/latents_std, else
-        its scalar factors (a missing shift is 0, as diffusers reads it)."""
+        its scalar factors (a missing shift is 0, as diffusers reads it); for a tiny autoencoder, none beyond
+        its teacher's patch layout."""
         config = vae.config
+        if isinstance(vae, TinyAutoencoder):
+            # Its network already speaks the normalised space; only FLUX.2's patch layout is left to apply.
+            if config.patch_size is None:
+                return cls("scalar", 1.0, 0.0)
+            channels = config.latent_channels * config.patch_size[0] * config.patch_size[1]
+            return cls("patch", mean=(0.0,) * channels, std=(1.0,) * channels, patch_size=config.patch_size)
         if config.patch_size is not None:
             variance = vae.bn.running_var.detach().double().cpu()
             std = (variance + config.batch_norm_eps).sqrt()

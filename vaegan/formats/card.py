@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vaegan.autoencoder.network import AutoencoderKL
 from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.formats.save import diffusers_class
 
 # Image sides at which the card lists the latent shapes.
@@ -69,3 +70,27 @@ def model_card(vae: AutoencoderKL, name: str, eval_report: str | None = None) ->
         table = results.read_text().replace("# Reconstruction benchmark", "").strip()
         lines += ["## Reconstruction", "", table, ""]
     return "\n".join(lines)
+
+
+def tiny_model_card(model: TinyAutoencoder, name: str) -> str:
+    """README.md for a distilled tiny autoencoder: what it is, its teacher, and how to use it beside that teacher."""
+    config = model.config
+    teacher = config.teacher or "an unrecorded VAE"
+    layout = (" (its 2x2 patches, as FLUX.2's pipelines normalise them: the codec folds them for the student)"
+              if config.patch_size else "")
+    encoder = sum(p.numel() for p in model.encoder.parameters()) if model.encoder is not None else 0
+    decoder = sum(p.numel() for p in model.decoder.parameters()) if model.decoder is not None else 0
+    diffusers = ["from diffusers import AutoencoderTiny", f'tiny = AutoencoderTiny.from_pretrained("{name}")', ""]
+    return "\n".join([
+        "---", "library_name: diffusers", "tags: [vae, autoencoder, taesd, latent-diffusion, vaegan]", "---", "",
+        f"# {name}", "",
+        f"A tiny autoencoder (TAESD's Conv+ReLU design) distilled by vaegan from **{teacher}**. It encodes images to "
+        f"and decodes images from that VAE's normalised latents{layout}: a fast previewer and a cheap stand-in.", "",
+        f"- **Architecture**: f{config.downsampling_factor}, {config.latent_channels} latent channels, encoder widths "
+        f"{list(config.encoder_block_out_channels)}, decoder widths {list(config.decoder_block_out_channels)}; "
+        f"{encoder:,} encoder and {decoder:,} decoder parameters.", "",
+        "## Load it", "", "```python", *(diffusers if config.diffusers_compatible else []), "import vaegan",
+        f'preview = vaegan.Codec(vaegan.load("{name}"))',
+        f'latents = vaegan.Codec(vaegan.load("{teacher}")).encode(images)  # the teacher\'s latents',
+        "images = preview.decode(latents)", "```", "",
+    ])

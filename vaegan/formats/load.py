@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from vaegan.autoencoder.network import PRESETS, AutoencoderConfig, AutoencoderKL, preset
+from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.autoencoder.preview import LatentPreview
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.formats import hub
 from vaegan.formats.checkpoints import load_error_reason, training_weights
+from vaegan.formats.errors import FormatError, read_safetensors
 from vaegan.formats.naming import (
     ATTENTION_PROJECTIONS,
     CONFIG_NAME,
@@ -39,11 +42,14 @@ from vaegan.formats.naming import (
     METADATA_KEY,
     NESTED_QUANT_CONVS,
     ORIGINAL_NAMING,
+    PREVIEW_METADATA_KEY,
+    PREVIEW_NAME,
     WEIGHTS_CANDIDATES,
     rename,
     to_diffusers_name,
     to_original_name,
 )
+from vaegan.formats.tiny import is_tiny, is_tiny_config, load_tiny, tiny_from_tensors
 from vaegan.utils.dtypes import cast_floating
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -57,10 +63,6 @@ MAX_LISTED_KEYS = 10
 # FLUX.2 conversion carries only running_mean and running_var, and torch's BatchNorm loader starts a count
 # that a state dict lacks at 0: so does `load`; every other tensor must be in the file.
 BATCHES_TRACKED = "bn.num_batches_tracked"
-
-
-class FormatError(ValueError):
-    """A file or folder that is not a VAE this package can load exactly; the message names file and keys."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -94,11 +96,7 @@ def _read_weights_file(path: Path, weights: str | None = None) -> tuple[dict[str
     if weights is not None and path.suffix not in TORCH_SUFFIXES:
         raise FormatError(f"{path} is not a vaegan training checkpoint: weights={weights!r} does not apply to it")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                return {key: file.get_tensor(key) for key in file.keys()}, dict(file.metadata() or {})
-        except Exception as error:  # the Rust reader raises its own types for truncated or corrupt files
-            raise FormatError(f"{path} is not a readable safetensors file ({error})") from error
+        return read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
         try:
             # weights_only refuses pickled code and arbitrary objects: a checkpoint must not run anything.
@@ -372,10 +370,11 @@ def load(
     shift_factor: float | None = None,
     dtype: torch.dtype | None = None,
     weights: str | None = None,
-) -> AutoencoderKL:
+) -> AutoencoderKL | TinyAutoencoder:
     """Load a VAE from a diffusers folder, a pipeline folder, a single weights file, a vaegan training
     checkpoint (its EMA weights by default; `weights="model"` for the raw trained weights), or a Hugging Face
-    hub name, in eval mode.
+    hub name, in eval mode. A tiny autoencoder (TAESD's pair of files, a diffusers `AutoencoderTiny` folder, or
+    a file `vaegan.save` wrote) comes back as a `TinyAutoencoder` (`vaegan.formats.tiny`).
 
     Args:
         path: a local file or folder; or a hub name `owner/name` when no such local path exists, read from
@@ -390,7 +389,13 @@ def load(
             (highest precision by default, as in diffusers).
         weights: for a vaegan training checkpoint, "ema" or "model".
     """
-    weights_path, config_path = _locate(_resolve(path, subfolder, revision))
+    resolved = _resolve(path, subfolder, revision)
+    if is_tiny(resolved):
+        if config is not None or scaling_factor is not None or shift_factor is not None or weights is not None:
+            raise FormatError(f"{resolved} is a tiny autoencoder: config, scaling_factor, shift_factor and weights "
+                              "do not apply to it (its latents are already normalised)")
+        return load_tiny(resolved, dtype)
+    weights_path, config_path = _locate(resolved)
     entries, metadata = _read_weights_file(weights_path, weights)
     return _build(entries, metadata, weights_path, config_path, config, scaling_factor, shift_factor, dtype)
 
@@ -412,6 +417,8 @@ def _build(
 ) -> AutoencoderKL:
     """The VAE of the entries read from `weights_path`, its architecture from `config`, else config.json at
     `config_path`, else the metadata, else the tensor shapes (see `load`)."""
+    if METADATA_KEY in metadata and is_tiny_config(metadata[METADATA_KEY]):  # a distilled student's checkpoint
+        return tiny_from_tensors(json.loads(metadata[METADATA_KEY]), entries, weights_path, dtype)
     weights = _vae_weights(entries, weights_path)
 
     if isinstance(config, str):
@@ -433,8 +440,6 @@ def _build(
     differences = _architecture_differences(config, weights)
     if differences:
         raise FormatError(f"{origin} contradicts the weights in {weights_path}: " + "; ".join(differences))
-    overrides = {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
-    config = config.replace(**{name: value for name, value in overrides.items() if value is not None})
 
     with torch.device("meta"):  # no random init: every parameter is assigned from the file below
         vae = AutoencoderKL(config)
@@ -444,4 +449,45 @@ def _build(
     _check_fits(weights, model_shapes, origin)
     dtype = dtype or torch.float32
     vae.load_state_dict({k: cast_floating(v, dtype).contiguous() for k, v in weights.tensors.items()}, assign=True)
+    # The preview map reads latents normalised as the file declares; overridden factors re-express it.
+    stored = LatentNormalization.of(vae)
+    overrides = {"scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    vae.config = config.replace(**{name: value for name, value in overrides.items() if value is not None})
+    preview = _read_preview(weights_path, config_path, metadata, stored.channels(config.latent_channels))
+    vae.latent_preview = None if preview is None else _renormalized(preview, stored, LatentNormalization.of(vae))
     return vae.eval()
+
+
+def _read_preview(
+    weights_path: Path, config_path: Path | None, metadata: dict[str, str], channels: int
+) -> LatentPreview | None:
+    """The latent preview map stored with the weights (see `vaegan.formats.save`), if any, for latents of
+    `channels` normalised channels."""
+    if config_path is not None:
+        source = config_path.parent / PREVIEW_NAME
+        if not source.is_file():
+            return None
+    elif PREVIEW_METADATA_KEY in metadata:
+        source = f"the {PREVIEW_METADATA_KEY} metadata of {weights_path}"
+    else:
+        return None
+    try:
+        text = source.read_text() if isinstance(source, Path) else metadata[PREVIEW_METADATA_KEY]
+        preview = LatentPreview.from_json(json.loads(text))
+    except (OSError, json.JSONDecodeError, ValueError) as error:
+        raise FormatError(f"{source} is not a readable latent preview map ({error}); delete it, or fit a new "
+                          "one with `vaegan convert --fit_preview`") from error
+    if preview.channels != channels:
+        raise FormatError(f"{source} maps {preview.channels} latent channels, but this VAE's normalised latents "
+                          f"have {channels}; delete it, or fit a new one with `vaegan convert --fit_preview`")
+    return preview
+
+
+def _renormalized(preview: LatentPreview, stored: LatentNormalization, new: LatentNormalization) -> LatentPreview:
+    """`preview`, fitted to latents normalised as `stored`, for latents normalised as `new` (a normalisation of
+    the same kind: `load`'s overrides change factors, never the kind)."""
+    if new == stored:
+        return preview
+    probe = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1).expand(2, preview.channels, 1, 1)
+    seen = stored.normalize(new.denormalize(probe))  # (2, C, 1, 1): `new`'s 0 and 1 as the stored map reads them
+    return preview.reparametrized(scale=seen[1] - seen[0], shift=seen[0])

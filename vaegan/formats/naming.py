@@ -3,6 +3,7 @@ diffusers' tensor names and the original (CompVis, SD3, Flux, FLUX.2) ones."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 
 # (original, diffusers) name fragments; `{i}` is a number carried across. The decoder's level index is
@@ -94,6 +95,12 @@ CARD_NAME = "README.md"
 METADATA_KEY = "vaegan_config"
 
 
+# The latent -> RGB preview map (`vaegan.autoencoder.preview`): a file of its own in a diffusers folder (diffusers
+# ignores files it does not know, but warns about unknown config.json keys), a metadata entry in a single file.
+PREVIEW_NAME = "latent_preview.json"
+PREVIEW_METADATA_KEY = "vaegan_latent_preview"
+
+
 # In order of preference: full precision first, the fp16 variant only when it is all there is.
 WEIGHTS_CANDIDATES = (
     WEIGHTS_NAME,
@@ -121,3 +128,11 @@ DIFFUSERS_KEYS = {
         *SHARED_KEYS, "decoder_block_out_channels", "batch_norm_eps", "batch_norm_momentum", "patch_size",
     ),
 }
+
+
+def diffusers_version() -> str:
+    """The `_diffusers_version` a config.json we write carries."""
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.30.0"  # diffusers is optional here; this is the oldest version pyproject allows

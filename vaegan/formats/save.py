@@ -3,7 +3,6 @@ naming, with the config in its metadata; both replace an existing target atomica
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -13,16 +12,21 @@ import torch
 from safetensors.torch import save_file
 
 from vaegan.autoencoder.network import AutoencoderConfig, AutoencoderKL
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.formats.naming import (
     ATTENTION_PROJECTIONS,
     CARD_NAME,
     CONFIG_NAME,
     DIFFUSERS_KEYS,
     METADATA_KEY,
+    PREVIEW_METADATA_KEY,
+    PREVIEW_NAME,
     WEIGHTS_CANDIDATES,
     WEIGHTS_NAME,
+    diffusers_version,
     to_original_name,
 )
+from vaegan.formats.tiny import save_tiny
 from vaegan.utils.dtypes import cast_floating
 from vaegan.utils.files import replace_folder_atomically, write_file_atomically
 
@@ -60,18 +64,11 @@ def diffusers_config(config: AutoencoderConfig) -> dict:
     values = config.to_dict()  # shift_factor stays a number: SD3/Flux pipelines crash on null
     return {
         "_class_name": class_name,
-        "_diffusers_version": _diffusers_version(),
+        "_diffusers_version": diffusers_version(),
         **{key: values[key] for key in DIFFUSERS_KEYS[class_name]},
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
     }
-
-
-def _diffusers_version() -> str:
-    try:
-        return importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.30.0"  # diffusers is optional here; this is the oldest version pyproject allows
 
 
 def _tensors_for_saving(vae: AutoencoderKL, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -95,7 +92,7 @@ def _check_replaceable(path: Path) -> None:
     if path.is_file():
         raise FileExistsError(f"{path} is a file; the diffusers format writes a folder")
     if path.is_dir():
-        ours = (CONFIG_NAME, CARD_NAME, *WEIGHTS_CANDIDATES)
+        ours = (CONFIG_NAME, CARD_NAME, PREVIEW_NAME, *WEIGHTS_CANDIDATES)
         foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
         if foreign:
             raise FileExistsError(
@@ -104,9 +101,9 @@ def _check_replaceable(path: Path) -> None:
 
 
 def save(
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | TinyAutoencoder,
     path: str | os.PathLike,
-    format: Literal["diffusers", "single-file"] = "diffusers",
+    format: Literal["diffusers", "single-file", "pair"] = "diffusers",
     dtype: torch.dtype | None = None,
     card: str | None = None,
 ) -> Path:
@@ -116,9 +113,15 @@ def save(
 
     The folder is diffusers' `AutoencoderKL`, or `AutoencoderKLFlux2` for a VAE with FLUX.2's `bn` statistics;
     such a VAE's single file takes Black Forest Labs' naming. `dtype` casts the stored floating-point tensors
-    (e.g. torch.float16 for a half-size release); the model is unchanged.
+    (e.g. torch.float16 for a half-size release); the model is unchanged. A latent preview map
+    (`vae.latent_preview`) goes beside the weights: `latent_preview.json` in the folder, metadata in the file.
+
+    A `TinyAutoencoder` is written by `vaegan.formats.tiny.save_tiny`, also as `format="pair"`: TAESD's two
+    files in their original naming, as safetensors.
     """
     path = Path(path)
+    if isinstance(vae, TinyAutoencoder):
+        return save_tiny(vae, path, format, dtype, card)
     if format not in ("diffusers", "single-file"):
         raise ValueError(f"format must be 'diffusers' or 'single-file', got {format!r}")
     if format == "single-file" and path.suffix != ".safetensors":
@@ -132,6 +135,8 @@ def save(
             (folder / CONFIG_NAME).write_text(config_json)
             if card is not None:
                 (folder / CARD_NAME).write_text(card)
+            if vae.latent_preview is not None:
+                (folder / PREVIEW_NAME).write_text(json.dumps(vae.latent_preview.to_json()) + "\n")
             save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
         _check_replaceable(path)
@@ -141,5 +146,7 @@ def save(
         nested = vae.config.patch_size is not None
         original = _original_state_dict(tensors, len(vae.config.block_out_channels), nested)
         metadata = {"format": "pt", METADATA_KEY: json.dumps(vae.config.to_dict())}
+        if vae.latent_preview is not None:
+            metadata[PREVIEW_METADATA_KEY] = json.dumps(vae.latent_preview.to_json())
         write_file_atomically(path, lambda file: save_file(original, str(file), metadata=metadata))
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -319,3 +320,27 @@ def load_demo_photos(names: tuple[str, ...]) -> ArrayImages:
         array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
         arrays.append(np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array)
     return ArrayImages([f"skimage.data.{name}" for name in names], arrays)
+
+
+def measuring_batches(
+    data: str | None, resolution: int, max_images: int, batch_size: int = 8,
+    demo_photos: tuple[str, ...] = DEMO_VAL_PHOTOS,
+) -> Iterator[torch.Tensor]:
+    """Batches (B, 3, R, R) in [-1, 1] of the first `max_images` images of `data` under the evaluation protocol
+    (`EvalCrop`), to measure a VAE on: `data` is an image folder or a `datasets` source, None the demo photos
+    named by `demo_photos` (by default the held-out ones). Unreadable images are skipped."""
+    if data is None:
+        reader = load_demo_photos(demo_photos)
+    else:
+        reader, _ = open_reader(data, "train", "image", min_size=min(resolution, 64))
+    crop = EvalCrop(resolution)
+    count = min(len(reader), max_images)
+    for start in range(0, count, batch_size):
+        images = []
+        for index in range(start, min(start + batch_size, count)):
+            try:
+                images.append(crop(reader.read(index)))
+            except ImageError:
+                continue
+        if images:
+            yield torch.stack(images)

@@ -12,8 +12,11 @@ from tqdm.auto import tqdm
 
 from vaegan.autoencoder.codec import Codec, Tiling, check_finite
 from vaegan.autoencoder.network import weights_sha256
+from vaegan.autoencoder.normalization import LatentNormalization
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.formats.checkpoints import load_error_reason
 from vaegan.formats.load import load
+from vaegan.images.convert import from_float_images
 from vaegan.latents.dataset import LatentDataset
 
 IMAGE_FORMATS = {"png": ("PNG", ".png"), "webp": ("WEBP", ".webp"), "jpeg": ("JPEG", ".jpg"), "jpg": ("JPEG", ".jpg")}
@@ -91,6 +94,7 @@ def decode_latents(
     tiling: Tiling = "exact",
     preset: str | None = None,
     allow_nonfinite: bool = False,
+    preview: bool = False,
     progress: bool = True,
 ) -> list[Path]:
     """Decode latents back to images; returns the image paths.
@@ -118,6 +122,8 @@ def decode_latents(
         preset: architecture preset (sd, sdxl, sd3, flux, flux2, mini) for model files that carry no config.
         allow_nonfinite: decode latents that hold NaN or inf (they make black or garbage images) instead of
             refusing the file.
+        preview: write previews at the latent resolution (an SD VAE's are 1/8 of the image's side) with the
+            VAE's stored latent -> RGB map instead of running the decoder: instant and approximate.
         progress: show a progress bar, and a summary at the end.
     """
     if format not in IMAGE_FORMATS:
@@ -142,10 +148,19 @@ def decode_latents(
                                  "give the VAE with --model (model= in Python)")
             model = named_model
     vae = load(model, config=preset)
+    if preview and isinstance(vae, TinyAutoencoder):
+        raise ValueError(f"--preview: {model} is a tiny autoencoder, already the fast previewer; decode without "
+                         "--preview")
+    latent_preview = vae.latent_preview
+    if preview and latent_preview is None:
+        raise ValueError(f"--preview: {model} stores no latent preview map; `vaegan convert {model} OUTPUT "
+                         "--fit_preview IMAGES` fits one (`vaegan export` always does)")
     if expected_hash and weights_sha256(vae) != expected_hash:
         warnings.warn(f"decoding {source} with {model}, not the VAE that encoded it (weights differ)", stacklevel=2)
-    codec = Codec(vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype,
-                  batch_size=batch_size, tile_size=tile_size, tiling=tiling)
+    normalization = LatentNormalization.of(vae)
+    # A preview needs no network: the decoder is not even moved to the device.
+    codec = None if preview else Codec(vae, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                       dtype=dtype, batch_size=batch_size, tile_size=tile_size, tiling=tiling)
     all_names = dataset.ids if dataset is not None else [name for name, _ in named]
     all_shapes = dataset.shapes if dataset is not None else [latent.shape for _, latent in named]
     wanted = None if ids is None else set(ids)
@@ -163,7 +178,7 @@ def decode_latents(
             return named[position][1]
         # Stored latents are normalised as the encoding VAE declared; the codec expects its own VAE's.
         stored = dataset[position]["latent"][None]                                 # (1, C, h, w)
-        return codec.normalization.normalize(dataset.normalization.denormalize(stored))[0]
+        return normalization.normalize(dataset.normalization.denormalize(stored))[0]
 
     # Batches of one shape, in the order the latents were listed within each shape.
     by_shape: dict[tuple, list[int]] = {}
@@ -175,7 +190,12 @@ def decode_latents(
     with tqdm(total=len(selected), unit="img", desc="decoding", disable=not progress) as bar:
         for chunk in chunks:
             latents = torch.stack([latent(position) for position in chunk])
-            images = codec.decode(latents, output="pil", allow_nonfinite=allow_nonfinite)
+            if codec is not None:
+                images = codec.decode(latents, output="pil", allow_nonfinite=allow_nonfinite)
+            else:
+                if not allow_nonfinite:
+                    check_finite(latents)
+                images = from_float_images(latent_preview.apply(latents), "pil")  # (B, 3, h, w)
             for position, image in zip(chunk, images, strict=True):
                 path = image_path(folder, names[position], suffix, taken)
                 path.parent.mkdir(parents=True, exist_ok=True)
