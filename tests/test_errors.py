@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vaegan
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.latents.encode import encode_dataset
 
 from conftest import skimage_photos
@@ -30,6 +31,7 @@ def workspace(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("workspace")
     vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), folder / "vae")
     vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), folder / "vae.safetensors", format="single-file")
+    vaegan.save(TinyAutoencoder.from_preset("taesd", latent_channels=16), folder / "tiny16")
     (folder / "misspelt.yaml").write_text("model:\n  kl_wieght: 1.0e-6\n")
     (folder / "encode.yaml").write_text("model: vae\ninput: images\noutput: latents\ncrpo: 32\n")
     torch.save({"latents": Evil()}, folder / "evil.pt")
@@ -75,6 +77,13 @@ BAD_INPUTS = [
     (["decode", "--input", "evil.pt", *DECODE], "evil.pt is not a readable latent file"),
     (["decode", "--input", "truncated.pt", *DECODE], "truncated.pt is not a readable latent file"),
     (["decode", "--input", "nan.pt", *DECODE], "nan.pt, latent nan-00000: 1 of 256 latent values are not finite"),
+    (["decode", "--input", "whole.pt", *DECODE, "--preview", "true"],
+     "--preview: vae stores no latent preview map; `vaegan convert vae OUTPUT --fit_preview IMAGES` fits one"),
+    (["fit", "--model.teacher", "no-such-vae"], "no-such-vae does not exist"),
+    (["fit", "--model.teacher", "vae", "--model.arch", "taesana"],
+     "--model.arch=taesana downsamples 32x but the teacher vae downsamples 4x"),
+    (["fit", "--model.teacher", "vae", "--model.init_from", "tiny16"],
+     "--model.init_from=tiny16 is not a tiny autoencoder with the teacher's 4 latent channels at 1/4"),
     (["export", "vae.safetensors", "exported"], "vae.safetensors is a VAE, not a training checkpoint: `vaegan convert"),
     (["convert", "vae", "out.safetensors", "--to", "single-file", "--dtype", "fp64"],
      "--dtype: 'fp64' is not one of 'fp32', 'bf16', 'fp16', 'float32', 'bfloat16', 'float16' or null"),

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
 
 import vaegan
 from vaegan.train.data import ImageDataModule
@@ -88,8 +90,14 @@ def test_short_run_on_real_photos_improves_psnr_and_gates_the_discriminator(asse
     assert any(not torch.equal(initial_disc[k], v) for k, v in module.discriminator.state_dict().items())
     assert module.logvar.item() != 0.0, "the log-variance must really be optimized"
     assert "corrupt.jpg" in " ".join(data.skipped), "the bad file is skipped and counted"
-    grids = list(Path(trainer.log_dir).glob("grids/*.png"))
+    grids = sorted(Path(trainer.log_dir).glob("grids/*.png"))
     assert grids, "validation writes reconstruction grids"
+    # input | reconstruction | error | latent preview: the trained latents' linear preview shows the image, closer
+    # to it than a flat grey guess.
+    grid = np.asarray(Image.open(grids[-1])).astype(float)
+    assert grid.shape[1] == 4 * 64 + 3 * 4
+    inputs, previews = grid[:64, :64], grid[:64, 3 * 68:3 * 68 + 64]
+    assert np.mean((previews - inputs) ** 2) < np.mean((inputs.mean() - inputs) ** 2)
     assert 0.0 < after["val/suggested_scaling_factor"] < 100.0
 
 

@@ -1,4 +1,4 @@
-"""Image grids a person can look at: input | reconstruction | error, one row per image."""
+"""Image grids a person can look at: input | reconstruction | error (| latent preview), one row per image."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vaegan.images.convert import to_uint8
@@ -14,17 +15,21 @@ from vaegan.images.convert import to_uint8
 ERROR_GAIN = 4.0
 
 
-def reconstruction_grid(images: torch.Tensor, reconstructions: torch.Tensor, gap: int = 4) -> np.ndarray:
+def reconstruction_grid(images: torch.Tensor, reconstructions: torch.Tensor, gap: int = 4,
+                        previews: torch.Tensor | None = None) -> np.ndarray:
     """Images and reconstructions (B, 3, H, W) in [-1, 1] -> an (H', W', 3) uint8 grid.
 
-    Each row shows the input, the reconstruction and |input - reconstruction| x ERROR_GAIN (grey, white = large).
+    Each row shows the input, the reconstruction and |input - reconstruction| x ERROR_GAIN (grey, white = large),
+    then, when given, the latent preview (B, 3, h, w) scaled up to the image's size with square pixels.
     """
     inputs, outputs = to_uint8(images.cpu()), to_uint8(reconstructions.cpu())
     error = (inputs.float() - outputs.float()).abs().mean(dim=1, keepdim=True) * ERROR_GAIN
-    error = error.clamp(0, 255).to(torch.uint8).expand_as(inputs)
+    columns = [inputs, outputs, error.clamp(0, 255).to(torch.uint8).expand_as(inputs)]
+    if previews is not None:
+        columns.append(to_uint8(F.interpolate(previews.float().cpu(), size=inputs.shape[-2:], mode="nearest")))
     count, _, height, width = inputs.shape
-    grid = np.full((count * (height + gap) - gap, 3 * (width + gap) - gap, 3), 255, dtype=np.uint8)
-    for row, panels in enumerate(zip(inputs, outputs, error, strict=True)):
+    grid = np.full((count * (height + gap) - gap, len(columns) * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for row, panels in enumerate(zip(*columns, strict=True)):
         top = row * (height + gap)
         for column, panel in enumerate(panels):
             left = column * (width + gap)

@@ -34,6 +34,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from vaegan.autoencoder.network import AutoencoderKL, preset
 from vaegan.autoencoder.normalization import LatentNormalization, LatentStatistics, measured_layout
+from vaegan.autoencoder.preview import LatentPreviewFit
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.formats.load import load
 from vaegan.images.convert import to_uint8
 from vaegan.metrics.reconstruction import psnr, ssim
@@ -42,6 +44,7 @@ from vaegan.pretrained.vision import VisionFeatures
 from vaegan.reporting.grids import reconstruction_grid, save_grid
 from vaegan.train.checkpoint_io import WholeCheckpointIO
 from vaegan.train.discriminator import PatchDiscriminator
+from vaegan.train.distillation import Teacher, student_config
 from vaegan.train.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients, on_every_rank
 from vaegan.train.losses import (
     adaptive_gan_weight,
@@ -67,6 +70,8 @@ from vaegan.utils.seeds import seeded_generator
 
 # Parameters and buffers of the frozen LPIPS network in this module's state dict.
 PERCEPTUAL_PREFIX = "perceptual."
+TEACHER_PREFIX = "teacher."
+TEACHER_HASH_KEY = "vaegan_teacher_sha256"
 # The regularisers compare images smaller than this by the pixel loss alone: LPIPS-alex's pooling needs 32 pixels
 # (squeeze 20, vgg 16), and the equivariance terms shrink images by up to 4x.
 MIN_PERCEPTUAL_SIDE = 32
@@ -128,6 +133,15 @@ class VAEGAN(L.LightningModule):
             on CPUs, and made it slower on a GPU in bf16-mixed (the GPU benchmark page has the figures).
         compile: `torch.compile` the encoder, the decoder and the discriminator.
         grid_images: validation images shown in the reconstruction grid.
+        teacher: distil a tiny autoencoder (TAESD-style) from this VAE, a path or hub name `vaegan.load` reads
+            (see `vaegan.train.distillation`). `arch` then names the student (`taesd`, `taef2`, `taesana`; the
+            default `mini` picks the published variant for the teacher's shape), `block_out_channels` its widths,
+            and `init_from` may start it from a published tiny autoencoder.
+        distill: which part of the student learns: `both`, `decoder` (a previewer) or `encoder`.
+        teacher_latents: what the student learns from, the teacher posterior's `mean` or a `sample` of it.
+        teacher_decode_weight: weight of a second decoder target, the teacher's decode of the same latents (the
+            same pixel and LPIPS distance as against the real image).
+        latent_weight: weight of the encoder's mean squared error to the teacher's normalised latents.
     """
 
     def __init__(
@@ -174,6 +188,11 @@ class VAEGAN(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         grid_images: int = 8,
+        teacher: str | None = None,
+        distill: Literal["both", "decoder", "encoder"] = "both",
+        teacher_latents: Literal["mean", "sample"] = "mean",
+        teacher_decode_weight: float = 0.0,
+        latent_weight: float = 1.0,
     ):
         super().__init__()
         # Checked before any network, weights file or logger: each named as the option a user writes.
@@ -192,21 +211,35 @@ class VAEGAN(L.LightningModule):
         for name in GROUPS:
             self.hparams[name] = dataclasses.asdict(getattr(self, name))
 
-        if init_from is not None:
+        self.teacher = Teacher(teacher) if teacher is not None else None
+        if self.teacher is not None:
+            self._check_distillation_options(train_decoder_only)
+            student = student_config(self.teacher, None if arch == "mini" else arch, block_out_channels)
+            self.vae = load(init_from) if init_from is not None else TinyAutoencoder(student)
+            shape = (student.latent_channels, student.downsampling_factor)
+            if not isinstance(self.vae, TinyAutoencoder) or (
+                    self.vae.config.latent_channels, self.vae.config.downsampling_factor) != shape:
+                raise ValueError(f"--model.init_from={init_from} is not a tiny autoencoder with the teacher's "
+                                 f"{shape[0]} latent channels at 1/{shape[1]}")
+            self.vae.config = self.vae.config.replace(teacher=teacher, patch_size=student.patch_size)
+            frozen = {"both": None, "decoder": self.vae.encoder, "encoder": self.vae.decoder}[distill]
+            if frozen is not None:
+                frozen.requires_grad_(False)
+        elif init_from is not None:
             self.vae = load(init_from)
         else:
             overrides = {"latent_channels": latent_channels} if latent_channels else {}
             if block_out_channels:
                 overrides["block_out_channels"] = tuple(block_out_channels)
             self.vae = AutoencoderKL(preset(arch, **overrides))
-        if train_decoder_only:
+        if train_decoder_only and self.teacher is None:
             self.vae.encoder.requires_grad_(False)
             if self.vae.quant_conv is not None:
                 self.vae.quant_conv.requires_grad_(False)
         self.ema = copy.deepcopy(self.vae).requires_grad_(False) if ema_decay is not None else None
 
         self.discriminator = PatchDiscriminator(
-            in_channels=self.vae.config.out_channels,
+            in_channels=3,
             base_channels=disc_channels,
             num_layers=disc_layers,
             norm=disc_norm,
@@ -337,9 +370,11 @@ class VAEGAN(L.LightningModule):
             "pixel": pixel.mean(),
             "perceptual": perceptual.mean(),
             "nll": nll_loss(rec_map, self.logvar),
-            "kl": kl_loss(posterior),
         }
-        losses["loss"] = losses["nll"] + hp.kl_weight * losses["kl"]
+        losses["loss"] = losses["nll"]
+        if posterior is not None:  # a distilled decoder has none
+            losses["kl"] = kl_loss(posterior)
+            losses["loss"] = losses["loss"] + hp.kl_weight * losses["kl"]
         if gan_factor > 0:
             adversarial = generator_adversarial_loss(hp.gan_loss, self.discriminator(reconstructions))
             if hp.adaptive_disc_weight:
@@ -394,6 +429,34 @@ class VAEGAN(L.LightningModule):
                 losses[name] = value
                 losses["loss"] = losses["loss"] + weight * value
 
+    def distillation_losses(self, images: torch.Tensor, gan_factor: float):
+        """A tiny student's losses against the frozen teacher (see `vaegan.train.distillation`): its decode of the
+        teacher's latents against the real image (and the teacher's decode), its encoding against those latents.
+        Returns (the student's decode, or None when only the encoder learns; the losses)."""
+        hp = self.hparams
+        sample = self.rng("posterior") if hp.teacher_latents == "sample" else None
+        targets = self.teacher.latents(images, sample)                                   # (B, C, h, w)
+        reconstructions, losses = None, {"loss": torch.zeros((), device=images.device)}
+        if hp.distill != "encoder":
+            reconstructions = self.vae.decode(targets)
+            losses = self.generator_losses(images, reconstructions, None, gan_factor)
+            if hp.teacher_decode_weight > 0:
+                losses["teacher_decode"] = self.distance(reconstructions, self.teacher.decode(targets)).mean()
+                losses["loss"] = losses["loss"] + hp.teacher_decode_weight * losses["teacher_decode"]
+        if hp.distill != "decoder":
+            losses["latent"] = torch.nn.functional.mse_loss(self.vae.encode(images).float(), targets)
+            losses["loss"] = losses["loss"] + hp.latent_weight * losses["latent"]
+        return reconstructions, losses
+
+    def _check_distillation_options(self, train_decoder_only: bool) -> None:
+        if train_decoder_only:
+            raise ValueError("--model.train_decoder_only does not apply to distillation: --model.distill decoder "
+                             "trains only the student's decoder")
+        for name in GROUPS:
+            if getattr(self, name).weight > 0:
+                raise ValueError(f"--model.{name}.weight regularises a KL autoencoder's latents; a distilled "
+                                 "student's latents are its teacher's, so switch it off with --model.teacher")
+
     def distance(self, reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """d of the regularisers, per image (B,): the pixel loss, plus the weighted LPIPS on images of at least
         `MIN_PERCEPTUAL_SIDE` pixels."""
@@ -420,8 +483,12 @@ class VAEGAN(L.LightningModule):
 
         # 1. Generator: the discriminator's parameters are frozen while toggled, so no gradient leaks into it.
         with self.toggled_optimizer(opt_g):
-            reconstructions, posterior, latents = self.reconstruct(images, self.rng("posterior"))
-            g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor, latents, batch_number)
+            if self.teacher is None:
+                reconstructions, posterior, latents = self.reconstruct(images, self.rng("posterior"))
+                g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor, latents, batch_number)
+            else:
+                reconstructions, g_losses = self.distillation_losses(images, gan_factor)
+                train_discriminator = train_discriminator and reconstructions is not None
             self.manual_backward(g_losses["loss"] / hp.accumulate_grad_batches)
             if steps_now and self._step(opt_g, sched_g, g_losses["loss"], GENERATOR):
                 self._update_ema()
@@ -516,10 +583,14 @@ class VAEGAN(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._latent_statistics = LatentStatistics()
         self._patch_statistics = LatentStatistics()
+        self._preview_fit = LatentPreviewFit()
         self._grid_batch = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = self._images(batch)
+        if self.teacher is not None:
+            self._validate_student(images)
+            return
         vae = self.inference_vae
         posterior = vae.encode(images)
         # The mean is what the frozen codec encodes by default, so the factors are measured on it.
@@ -538,9 +609,44 @@ class VAEGAN(L.LightningModule):
         self._latent_statistics.update(latents.float())
         if latents.shape[-2] % 2 == 0 and latents.shape[-1] % 2 == 0:
             self._patch_statistics.update(measured_layout(latents.float(), "patch", self.vae.config.patch_size))
+            # What a UI's zero-cost preview of these latents would show, fitted on this validation pass.
+            normalized = LatentNormalization.of(vae).normalize(latents.float())
+            self._preview_fit.update(normalized, images.float())
         if self._grid_batch is None:
             count = self.hparams.grid_images
             self._grid_batch = (images[:count].float(), reconstructions[:count])
+            if latents.shape[-2] % 2 == 0 and latents.shape[-1] % 2 == 0:
+                self._grid_batch += (normalized[:count],)
+
+    def _validate_student(self, images: torch.Tensor) -> None:
+        """Student against teacher on the same latents: each decoder's PSNR to the image and to each other, the
+        LPIPS between the two decodes; the encoder's latent error, and the PSNR of the teacher's decode of them."""
+        student, hp = self.inference_vae, self.hparams
+        targets = self.teacher.latents(images)
+        teacher_images = self.teacher.decode(targets)
+        reference, logged = to_uint8(images), {}
+        if hp.distill != "encoder":
+            decoded = student.decode(targets).float().clamp(-1, 1)
+            logged |= {
+                "val/psnr": psnr(reference, to_uint8(decoded)).mean(),
+                "val/teacher_psnr": psnr(reference, to_uint8(teacher_images)).mean(),
+                "val/psnr_to_teacher": psnr(to_uint8(teacher_images), to_uint8(decoded)).mean(),
+                f"val/lpips_{hp.perceptual_net}_to_teacher": self.perceptual(teacher_images, decoded).mean(),
+            }
+            shown = decoded
+        if hp.distill != "decoder":
+            latents = student.encode(images).float()
+            through_teacher = self.teacher.decode(latents)
+            logged |= {
+                "val/latent_mse": torch.nn.functional.mse_loss(latents, targets),
+                "val/encoder_psnr": psnr(reference, to_uint8(through_teacher)).mean(),
+                "val/teacher_round_trip_psnr": psnr(reference, to_uint8(teacher_images)).mean(),
+            }
+            shown = through_teacher if hp.distill == "encoder" else shown
+        self.log_dict(logged, batch_size=images.shape[0], sync_dist=True)
+        if self._grid_batch is None:
+            count = hp.grid_images
+            self._grid_batch = (teacher_images[:count], shown[:count])
 
     def on_validation_epoch_end(self) -> None:
         statistics = self._gather(self._latent_statistics)
@@ -587,19 +693,33 @@ class VAEGAN(L.LightningModule):
             merged.merge(LatentStatistics(int(count[0].item()), mean, m2))
         return merged
 
-    def _write_grid(self, directory: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
-        grid = reconstruction_grid(images, reconstructions)
+    def _write_grid(self, directory: Path, images: torch.Tensor, reconstructions: torch.Tensor,
+                    latents: torch.Tensor | None = None) -> None:
+        """input | reconstruction | error, and the latents' linear preview (`vaegan.autoencoder.preview`) when
+        the validation pass gave enough latent positions to fit one."""
+        previews = None
+        if latents is not None and self._preview_fit.count >= self._preview_fit.positions_needed:
+            previews = self._preview_fit.solve().apply(latents)
+        grid = reconstruction_grid(images, reconstructions, previews=previews)
         path = save_grid(grid, directory / f"batch_{int(self.batches_seen):07d}.png")
+        if self.teacher is not None:
+            caption = "teacher decode | student decode | difference x4"
+        else:
+            caption = "input | reconstruction | error x4" + (" | latent preview" if previews is not None else "")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # Weights & Biases
-                logger.log_image("val/reconstructions", [grid], step=int(self.batches_seen),
-                                 caption=["input | reconstruction | error x4"])
-        self.print(f"reconstruction grid: {path}")
+                logger.log_image("val/reconstructions", [grid], step=int(self.batches_seen), caption=[caption])
+        self.print(f"reconstruction grid ({caption}): {path}")
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `vaegan.load` and `vaegan export` need to rebuild the autoencoder without this class.
         checkpoint["vaegan_config"] = self.vae.config.to_dict()
+        if self.teacher is not None:
+            # The teacher is read from its path again on resume, as LPIPS is; its hash says it is the same one.
+            checkpoint[TEACHER_HASH_KEY] = self.teacher.sha256
+            for key in [key for key in checkpoint["state_dict"] if key.startswith(TEACHER_PREFIX)]:
+                del checkpoint["state_dict"][key]
         # The frozen LPIPS network is rebuilt from its weights file at construction (a resume needs that file
         # anyway), so it is not stored again in every checkpoint (58 MB with VGG).
         for key in [key for key in checkpoint["state_dict"] if key.startswith(PERCEPTUAL_PREFIX)]:
@@ -610,6 +730,13 @@ class VAEGAN(L.LightningModule):
         state = checkpoint["state_dict"]
         for key, value in self.perceptual.state_dict().items():
             state.setdefault(PERCEPTUAL_PREFIX + key, value)
+        if self.teacher is not None:
+            stored = checkpoint.get(TEACHER_HASH_KEY)
+            if stored != self.teacher.sha256:
+                raise ValueError(f"--model.teacher={self.teacher.source} holds other weights than the teacher this "
+                                 "checkpoint was distilled from; resume with that teacher")
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(TEACHER_PREFIX + key, value)
         # Checkpoints written before the seed and the bad-step counts existed: this run's seed, no bad steps.
         for name in ("seed", "bad_steps", "bad_steps_in_a_row"):
             state.setdefault(name, getattr(self, name))
