@@ -15,6 +15,7 @@ from skimage import data
 from torch import nn
 
 import vaegan
+from vaegan.autoencoder.tiny import TinyAutoencoder
 from vaegan.cli import main
 from vaegan.evaluate.run import evaluate, fixed_sheet_indices, load_metric_networks
 from vaegan.formats.specs import ModelSpec
@@ -288,3 +289,26 @@ def test_images_too_small_for_the_protocol_are_skipped_as_encode_refuses_them(tw
     kept = evaluate(models=[str(two_models[0])], data=str(images), resolution=64, lpips=(), rfid=False, min_size=30,
                     num_workers=0, diagnostics=False, progress=False)
     assert kept.num_images == 3
+
+
+def test_tiny_autoencoders_sit_beside_vaes_and_decode_their_latents(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEGAN_WEIGHTS_DIR", str(assets / "lpips"))
+    torch.manual_seed(0)
+    flux2_shaped = vaegan.save(vaegan.AutoencoderKL.from_preset(
+        "mini", block_out_channels=(32, 64, 128, 128), latent_channels=32, patch_size=(2, 2)), tmp_path / "teacher")
+    taef2 = str(assets / "taesd")
+    result = evaluate(models=[taef2, f"preview={flux2_shaped}+{taef2}", str(flux2_shaped)], data=str(assets / "kodak"),
+                      resolution=128, max_images=2, num_workers=0, lpips=("alex",), rfid=False, diagnostics=False,
+                      progress=False)
+    psnr = {model.label: model for model in result.models}
+    assert list(psnr) == ["taesd", "preview", "teacher"]
+    rows = {(row["model"], row["image"]): row["psnr"] for row in result.rows}
+    # TAEF2 reconstructs Kodak well; the latents of a random teacher it decodes to a blur of grey.
+    assert min(value for (model, _), value in rows.items() if model == "taesd") > 20
+    assert max(value for (model, _), value in rows.items() if model == "preview") < 18
+    assert psnr["preview"].parameters == (sum(p.numel() for p in vaegan.load(flux2_shaped).encoder.parameters())
+                                          + sum(p.numel() for p in vaegan.load(taef2).decoder.parameters()))
+    with pytest.raises(ValueError, match=r"makes 128-channel latents at 1/8, but .* decodes 16 channels"):
+        taesd3_shaped = vaegan.save(TinyAutoencoder.from_preset("taesd", latent_channels=16), tmp_path / "t16")
+        evaluate(models=[f"{flux2_shaped}+{taesd3_shaped}"], data=str(assets / "kodak"), resolution=64, max_images=1,
+                 num_workers=0, lpips=(), rfid=False, progress=False)

@@ -115,7 +115,7 @@ class Measured:
 
 
 def reconstruct_and_measure(
-    codec: Codec, images: torch.Tensor, lpips_networks: dict[str, PerceptualLoss], with_ms_ssim: bool
+    codec: Codec | EncoderDecoder, images: torch.Tensor, lpips_networks: dict[str, PerceptualLoss], with_ms_ssim: bool
 ) -> Measured:
     """Encode to the posterior mean, decode once, round to uint8, and measure that against the original."""
     tick = time.perf_counter()
@@ -163,8 +163,10 @@ def evaluate(
     uint8); with `output`, per_image.csv, summary.json, results.md, per_image.png and sheets/ are written there.
 
     Args:
-        models: VAEs in any format `vaegan.load` reads, as PATH or LABEL=PATH (the label names it in the report;
-            default: the file or folder name); the first picks the worst images for the sheets.
+        models: VAEs in any format `vaegan.load` reads, tiny autoencoders included, as PATH or LABEL=PATH (the
+            label names it in the report; default: the file or folder name); ENCODER+DECODER decodes one model's
+            latents with another's decoder (a big VAE's with its tiny previewer). The first picks the worst
+            images for the sheets.
         data: images: a folder (recursively) or a datasets source (imagefolder:PATH, a save_to_disk folder, a
             hub name).
         output: folder for the report files; None only returns the result.
@@ -247,7 +249,7 @@ def evaluate(
 def open_models(
     specs: list[ModelSpec], resolution: int, device: torch.device, dtype: torch.dtype, batch_size: int,
     preset: str | None,
-) -> tuple[list[Codec], list[ModelResult]]:
+) -> tuple[list[Codec | EncoderDecoder], list[ModelResult]]:
     """A codec per model, and the result each fills, with what is known before any image is read."""
     codecs, results = [], []
     for spec in specs:
@@ -256,13 +258,44 @@ def open_models(
         if resolution % f:
             raise ValueError(f"--resolution {resolution} is not a multiple of {spec.path}'s downsampling factor {f}")
         latent_shape = (vae.config.latent_channels, resolution // f, resolution // f)
+        codec = Codec(vae, device=device, dtype=dtype, batch_size=batch_size)
+        parameters = vae.num_parameters()
+        if spec.decoder_path is not None:
+            decoder = Codec(load(spec.decoder_path, config=preset), device=device, dtype=dtype, batch_size=batch_size)
+            codec = EncoderDecoder(codec, decoder, spec)
+            parameters = _part_parameters(codec.encoder.vae, "encoder") + _part_parameters(decoder.vae, "decoder")
         results.append(ModelResult(
-            label=spec.label, path=spec.path, parameters=vae.num_parameters(), latent_shape=latent_shape,
+            label=spec.label, path=spec.path if spec.decoder_path is None else f"{spec.path}+{spec.decoder_path}",
+            parameters=parameters, latent_shape=latent_shape,
             bits_per_pixel=latent_bits_per_pixel(latent_shape, (resolution, resolution), dtype),
             normalization=LatentNormalization.of(vae),
         ))
-        codecs.append(Codec(vae, device=device, dtype=dtype, batch_size=batch_size))
+        codecs.append(codec)
     return codecs, results
+
+
+class EncoderDecoder:
+    """One model's encoder and another's decoder on the same normalised latents: how a previewer is judged (a big
+    VAE's latents through a tiny decoder), or a tiny encoder (its latents through the big decoder)."""
+
+    def __init__(self, encoder: Codec, decoder: Codec, spec: ModelSpec):
+        if (encoder.latent_channels, encoder.factor) != (decoder.latent_channels, decoder.factor):
+            raise ValueError(
+                f"--models {spec.path}+{spec.decoder_path}: {spec.path} makes {encoder.latent_channels}-channel "
+                f"latents at 1/{encoder.factor}, but {spec.decoder_path} decodes {decoder.latent_channels} channels at "
+                f"1/{decoder.factor}; pair models of one latent space")
+        self.encoder, self.decoder = encoder, decoder
+        self.normalization = encoder.normalization
+
+    def encode(self, images, **options) -> torch.Tensor:
+        return self.encoder.encode(images, **options)
+
+    def decode(self, latents: torch.Tensor, **options):
+        return self.decoder.decode(latents, **options)
+
+
+def _part_parameters(model: torch.nn.Module, part: str) -> int:
+    return sum(p.numel() for p in getattr(model, part).parameters())
 
 
 class _Run:
@@ -272,7 +305,8 @@ class _Run:
     worst by the first model's PSNR), so nothing is decoded twice and memory does not grow with the data set.
     """
 
-    def __init__(self, codecs: list[Codec], results: list[ModelResult], lpips_networks: dict[str, PerceptualLoss],
+    def __init__(self, codecs: list[Codec | EncoderDecoder], results: list[ModelResult],
+                 lpips_networks: dict[str, PerceptualLoss],
                  inception: InceptionFeatures | None, with_ms_ssim: bool, sheets: int, num_images: int,
                  diagnostics: bool):
         self.codecs, self.results, self.lpips_networks = codecs, results, lpips_networks
