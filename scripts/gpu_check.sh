@@ -97,6 +97,9 @@ step fp16-fallback python scripts/fp16_fallback.py --arch "$arch" --device "$dev
 step encode python benchmarks/encode.py --arch "$arch" --device "$device" --dtype bf16 --images "$images" \
   --max-images "$encode_images" --resolution "$encode_size" --batch-size "$encode_batch" --num-workers "$workers" \
   --decode-jpeg both --repeats "$encode_repeats" --json "$out/encode.json"
+# A tiny autoencoder (TAESD's shape) against its teacher (the SD VAE's) and diffusers' AutoencoderTiny.
+step tiny python benchmarks/tiny.py --device "$device" --dtype bf16 --sizes $sizes --repeats "$repeats" \
+  --json "$out/tiny.json"
 # Compiling costs minutes of the budget, so the compiled rows come last, one size per step; on the H200 the
 # compiled training took 217 s and each compiled codec size about 100 s.
 compiled_codec() {

@@ -3,6 +3,7 @@ where a page names a real one, on the CPU), and every command, recipe, script an
 
 import io
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 from skimage.data import astronaut
 
 import vaegan
+
+from conftest import SHARED_ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -142,6 +145,33 @@ def run_save_and_load_example(code: str, tmp_path: Path, monkeypatch) -> None:
     assert (tmp_path / "runs" / "untrained-mini" / "config.json").is_file()
 
 
+def run_tiny_previewer_example(code: str, tmp_path: Path, monkeypatch) -> None:
+    assets = SHARED_ASSETS
+    if not (assets / "taesd").is_dir():
+        pytest.skip(f"the TAEF2 weights are not at {assets / 'taesd'} (CI always has them)")
+    (tmp_path / "models" / "vae_approx").mkdir(parents=True)
+    shutil.copy(assets / "taesd" / "taef2_decoder.pth", tmp_path / "models" / "vae_approx")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"latents": torch.randn(1, 128, 4, 6)}  # what a FLUX.2 sampler holds for a 64x96 image
+    exec(code, namespace)
+    assert namespace["taef2"].encoder is None and namespace["images"][0].size == (96, 64)
+
+
+def run_tiny_shared_space_example(code: str, tmp_path: Path, monkeypatch) -> None:
+    assets = SHARED_ASSETS
+    if not (assets / "taesd").is_dir():
+        pytest.skip(f"the TAEF2 weights are not at {assets / 'taesd'} (CI always has them)")
+    narrow = vaegan.preset("flux2", block_out_channels=(32, 32, 64, 64), norm_num_groups=8, layers_per_block=1)
+    vaegan.save(vaegan.AutoencoderKL(narrow), tmp_path / "models" / "flux2-vae")
+    shutil.copytree(assets / "taesd", tmp_path / "models" / "taef2")
+    save_photo(tmp_path / "photo.png", 64)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"vaegan": vaegan}
+    exec(code, namespace)
+    assert namespace["latents"].shape == (1, 128, 4, 4)
+    assert namespace["quick"].shape == namespace["back"].shape == (1, 3, 64, 64)
+
+
 # A marker each example contains (and no other) -> the runner that runs and checks it.
 RUNNERS: dict[str, Callable] = {
     'vaegan.Codec(vae, device="cuda", dtype="bf16")': run_codec_example,
@@ -150,6 +180,8 @@ RUNNERS: dict[str, Callable] = {
     "vaegan.LatentDataset(": run_latent_dataset_example,
     "pt_inception-2015-12-05-6726825d.pth": run_inception_conversion,
     'vaegan.AutoencoderKL(vaegan.preset("mini"))': run_save_and_load_example,
+    'taef2_decoder.pth")': run_tiny_previewer_example,
+    'vaegan.load("models/taef2")': run_tiny_shared_space_example,
 }
 # Examples that cannot run here (a GPU, real weights), each with the reason. An example that is in neither
 # table fails `test_python_example`, so no new example goes untested by accident.

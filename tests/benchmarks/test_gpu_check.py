@@ -24,7 +24,9 @@ def test_gpu_check_runs_every_step_and_summarises(assets, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"]["device"] == "cpu"
-    assert [step["status"] for step in summary["steps"]] == ["0"] * 10, summary["steps"]
+    assert [step["status"] for step in summary["steps"]] == ["0"] * 11, summary["steps"]
+    assert {row["impl"] for row in json.loads((out / "tiny.json").read_text())["rows"]} == {
+        "student", "teacher", "diffusers AutoencoderTiny"}
     # The rows with VAEGAN_KERNELS=triton (on this CPU the kernels do not apply; the script is what is checked).
     assert (out / "codec-bf16-kernels.json").is_file() and (out / "train-kernels.json").is_file()
     profile = (out / "profile-bf16.txt").read_text()

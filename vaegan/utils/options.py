@@ -23,8 +23,10 @@ def describe(error: Exception, argv: list[str], known: Iterable[str]) -> str:
     """The mistake behind jsonargparse's `error`, named as the user wrote it."""
     text = " ".join(str(error).split())
     known = sorted(known)
-    if match := re.match(r"unrecognized arguments: (--?[\w.-]+)", text):
+    if match := re.match(r"unrecognized arguments: (--?[\w.-]+\+?)", text):
         option = match[1]
+        if option.endswith("+") and option[:-1].lstrip("-") in known:  # `+` appends to lists, and this is a tuple
+            return f"{option}: {option[:-1]} is given whole, not appended to: write {option[:-1]} [a, b]"
         return f"unknown option {option}{closest(option.lstrip('-'), known, '--')}"
     if match := re.search(r"(?:does not accept option|Option) '([\w.]+)'", text):
         key = match[1]
