@@ -1,2 +1,2 @@
-"""The VAE usable alone: the network and its presets, the latent normalisation, the frozen `Codec`, and exact
-and blended tiling."""
+"""The VAE usable alone: the network and its presets, tiny (TAESD-family) networks, the latent normalisation and
+its linear preview, the frozen `Codec`, and exact, blended and halo tiling."""
