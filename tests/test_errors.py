@@ -87,7 +87,7 @@ BAD_INPUTS = [
     (["export", "vae.safetensors", "exported"], "vae.safetensors is a VAE, not a training checkpoint: `vaegan convert"),
     (["convert", "vae", "out.safetensors", "--to", "single-file", "--dtype", "fp64"],
      "--dtype: 'fp64' is not one of 'fp32', 'bf16', 'fp16', 'float32', 'bfloat16', 'float16' or null"),
-    (["eval", "--modles+", "vae", "--data", "images"], "unknown option --modles (did you mean --models?)"),
+    (["eval", "--modles+", "vae", "--data", "images"], "unknown option --modles+ (did you mean --models+?)"),
     (["eval", "--models+", "vae", "--data", "images", "--lpips+", "alex"],
      "--lpips+: --lpips is given whole, not appended to: write --lpips [a, b]"),
     (["info", "missing-vae"], "missing-vae"),

@@ -27,7 +27,8 @@ def describe(error: Exception, argv: list[str], known: Iterable[str]) -> str:
         option = match[1]
         if option.endswith("+") and option[:-1].lstrip("-") in known:  # `+` appends to lists, and this is a tuple
             return f"{option}: {option[:-1]} is given whole, not appended to: write {option[:-1]} [a, b]"
-        return f"unknown option {option}{closest(option.lstrip('-'), known, '--')}"
+        plus = "+" if option.endswith("+") else ""
+        return f"unknown option {option}{closest(option.lstrip('-').rstrip('+'), known, '--', plus)}"
     if match := re.search(r"(?:does not accept option|Option) '([\w.]+)'", text):
         key = match[1]
         return f"{config_file_with(key, argv) or 'a config file'}: unknown key {key}{closest(key, known, '')}"
@@ -52,10 +53,10 @@ def describe(error: Exception, argv: list[str], known: Iterable[str]) -> str:
     return text
 
 
-def closest(key: str, known: list[str], prefix: str) -> str:
+def closest(key: str, known: list[str], prefix: str, suffix: str = "") -> str:
     """" (did you mean --crop?)" for the valid key nearest to a misspelt one, and otherwise nothing."""
     matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{matches[0]}?)" if matches else ""
+    return f" (did you mean {prefix}{matches[0]}{suffix}?)" if matches else ""
 
 
 def config_file_with(key: str, argv: list[str]) -> str | None:
