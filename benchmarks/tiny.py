@@ -57,9 +57,16 @@ def runners(student, teacher, twin, device: str, dtype: torch.dtype) -> dict[tup
     return calls
 
 
-def measure(calls, student: TinyAutoencoder, teacher: AutoencoderKL, size: int, batch: int, repeats: int,
-            warmup: int, device: str) -> list[dict]:
-    factor = student.config.downsampling_factor
+def costs(calls, student: TinyAutoencoder, teacher: AutoencoderKL, side: int) -> dict[tuple[str, str], float]:
+    """Multiply-adds per pixel of each row's network, counted once on a side^2 image (they do not depend on it)."""
+    models = {"student": student, "diffusers AutoencoderTiny": student, "teacher": teacher}
+    return {(impl, op): multiply_adds_per_pixel(getattr(models[impl], "encoder" if op == "encode" else "decoder"),
+                                                side, student.config.downsampling_factor)
+            for impl, op in calls}
+
+
+def measure(calls, macs: dict[tuple[str, str], float], size: int, batch: int, repeats: int, warmup: int,
+            device: str) -> list[dict]:
     images = torch.rand(batch, 3, size, size) * 2 - 1
     latents = calls[("teacher", "encode")](images)  # what a previewer decodes: the teacher's latents
     times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
@@ -71,14 +78,8 @@ def measure(calls, student: TinyAutoencoder, teacher: AutoencoderKL, size: int, 
                 torch.cuda.synchronize()
             if round >= warmup:
                 times[key].append(time.perf_counter() - tick)
-    costs = {"student": student, "diffusers AutoencoderTiny": student, "teacher": teacher}
-    rows = []
-    for (impl, op), seconds in times.items():
-        network = getattr(costs[impl], "encoder" if op == "encode" else "decoder")
-        rows.append({"impl": impl, "op": op, "size": size, "batch": batch,
-                     "images_per_s": batch / statistics.median(seconds),
-                     "macs_per_pixel": multiply_adds_per_pixel(network, min(size, 256), factor)})
-    return rows
+    return [{"impl": impl, "op": op, "size": size, "batch": batch, "images_per_s": batch / statistics.median(seconds),
+             "macs_per_pixel": macs[(impl, op)]} for (impl, op), seconds in times.items()]
 
 
 def main(argv=None) -> list[dict]:
@@ -102,8 +103,9 @@ def main(argv=None) -> list[dict]:
         parser.error("--student must be a tiny autoencoder and --teacher a KL autoencoder")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     calls = runners(student, teacher, diffusers_twin(student), args.device, dtype)
+    macs = costs(calls, student, teacher, min(args.sizes))
     rows = [row for size in args.sizes
-            for row in measure(calls, student, teacher, size, args.batch_size, args.repeats, args.warmup, args.device)]
+            for row in measure(calls, macs, size, args.batch_size, args.repeats, args.warmup, args.device)]
     print("| impl | op | size | images/s | vs teacher | multiply-adds/pixel |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for row in rows:

@@ -144,11 +144,10 @@ def info(
         folded = ", folded into 2x2 patches as FLUX.2's pipelines read them" if config["patch_size"] else ""
         print(f"  normalisation     none of its own{folded} -> {tuple(summary['normalized_latent_shape'])}")
         return summary
-    else:
-        print(f"  widths            {config['block_out_channels']}, {config['layers_per_block']} resnets per level, "
-              f"GroupNorm({config['norm_num_groups']}), mid attention {config['mid_block_add_attention']}")
-        print(f"  latent            {config['latent_channels']} channels, f{summary['downsampling_factor']}, "
-              f"quant convs {config['use_quant_conv']}/{config['use_post_quant_conv']}")
+    print(f"  widths            {config['block_out_channels']}, {config['layers_per_block']} resnets per level, "
+          f"GroupNorm({config['norm_num_groups']}), mid attention {config['mid_block_add_attention']}")
+    print(f"  latent            {config['latent_channels']} channels, f{summary['downsampling_factor']}, "
+          f"quant convs {config['use_quant_conv']}/{config['use_post_quant_conv']}")
     print(f"  {height}x{width} image -> latent {tuple(summary['latent_shape'])} "
           f"({summary['compression']}x fewer values)")
     print(f"  normalisation     z_model = {summary['normalization_formula']} -> "

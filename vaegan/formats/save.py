@@ -28,7 +28,7 @@ from vaegan.formats.naming import (
 )
 from vaegan.formats.tiny import save_tiny
 from vaegan.utils.dtypes import cast_floating
-from vaegan.utils.files import replace_folder_atomically, write_file_atomically
+from vaegan.utils.files import check_replaceable, replace_folder_atomically, write_file_atomically
 
 
 def diffusers_class(config: AutoencoderConfig) -> str:
@@ -87,19 +87,6 @@ def _original_state_dict(
     return renamed
 
 
-def _check_replaceable(path: Path) -> None:
-    """Refuse to write a diffusers folder over a file, or over a folder holding anything but a diffusers VAE."""
-    if path.is_file():
-        raise FileExistsError(f"{path} is a file; the diffusers format writes a folder")
-    if path.is_dir():
-        ours = (CONFIG_NAME, CARD_NAME, PREVIEW_NAME, *WEIGHTS_CANDIDATES)
-        foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
-        if foreign:
-            raise FileExistsError(
-                f"refusing to replace {path}: it holds files a diffusers VAE does not ({', '.join(foreign)})"
-            )
-
-
 def save(
     vae: AutoencoderKL | TinyAutoencoder,
     path: str | os.PathLike,
@@ -139,7 +126,8 @@ def save(
                 (folder / PREVIEW_NAME).write_text(json.dumps(vae.latent_preview.to_json()) + "\n")
             save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
-        _check_replaceable(path)
+        ours = (CONFIG_NAME, CARD_NAME, PREVIEW_NAME, *WEIGHTS_CANDIDATES)
+        check_replaceable(path, lambda entry: entry.name in ours, format, "a diffusers VAE")
         replace_folder_atomically(path, write_folder)
     else:
         # FLUX.2's original files are Black Forest Labs'; every other model's, CompVis's.

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 
 from vaegan.autoencoder.tiny import TINY_PRESETS, TinyAutoencoder, TinyConfig
 from vaegan.formats.errors import FormatError, read_safetensors
-from vaegan.formats.naming import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, diffusers_version
+from vaegan.formats.naming import CARD_NAME, CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, diffusers_version
 from vaegan.utils.dtypes import cast_floating
-from vaegan.utils.files import replace_folder_atomically, write_file_atomically
+from vaegan.utils.files import check_replaceable, replace_folder_atomically, write_file_atomically
 
 DIFFUSERS_CLASS = "AutoencoderTiny"
 PARTS = ("encoder", "decoder")
@@ -55,8 +55,8 @@ def is_tiny(path: Path) -> bool:
         config = path / CONFIG_NAME
         if config.is_file():
             try:
-                return json.loads(config.read_text()).get("_class_name") == DIFFUSERS_CLASS
-            except (OSError, ValueError):
+                return is_tiny_config(config.read_text())
+            except OSError:
                 return False
         return any(pair_part(entry) for entry in path.iterdir())
     if pair_part(path):
@@ -90,11 +90,11 @@ def load_tiny(path: Path, dtype: torch.dtype | None = None) -> TinyAutoencoder:
                 tensors |= part_tensors
             else:
                 tensors |= _from_original(part_tensors, part, file)
-            config = _with_metadata(config, metadata, file) if METADATA_KEY in metadata else config
+            config = _with_metadata(config, metadata, file)
         source = " and ".join(str(file) for file in files.values())
         return _build(config or infer_config(tensors, source), tensors, source, dtype)
     tensors, metadata = _read(path)
-    config = _with_metadata(None, metadata, path) if METADATA_KEY in metadata else infer_config(tensors, str(path))
+    config = _with_metadata(None, metadata, path) or infer_config(tensors, str(path))
     return _build(config, tensors, str(path), dtype)
 
 
@@ -342,7 +342,7 @@ def save_tiny(model: TinyAutoencoder, path: Path, format: str, dtype: torch.dtyp
         def write(folder: Path) -> None:
             (folder / CONFIG_NAME).write_text(config_json)
             if card is not None:
-                (folder / "README.md").write_text(card)
+                (folder / CARD_NAME).write_text(card)
             save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
     elif format == "pair":
         def write(folder: Path) -> None:
@@ -357,16 +357,10 @@ def save_tiny(model: TinyAutoencoder, path: Path, format: str, dtype: torch.dtyp
                 if original:
                     save_file(original, str(folder / f"{path.name}_{part}.safetensors"), metadata=metadata)
             if card is not None:
-                (folder / "README.md").write_text(card)
+                (folder / CARD_NAME).write_text(card)
     else:
         raise ValueError(f"format must be 'diffusers', 'single-file' or 'pair', got {format!r}")
-    if path.is_file():
-        raise FileExistsError(f"{path} is a file; the {format} format writes a folder")
-    if path.is_dir():
-        foreign = sorted(entry.name for entry in path.iterdir()
-                         if entry.name not in (CONFIG_NAME, WEIGHTS_NAME, "README.md") and not pair_part(entry))
-        if foreign:
-            raise FileExistsError(f"refusing to replace {path}: it holds files a tiny autoencoder does not "
-                                  f"({', '.join(foreign)})")
+    check_replaceable(path, lambda entry: entry.name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME) or bool(
+        pair_part(entry)), format, "a tiny autoencoder")
     replace_folder_atomically(path, write)
     return path

@@ -584,6 +584,8 @@ class VAEGAN(L.LightningModule):
         self._latent_statistics = LatentStatistics()
         self._patch_statistics = LatentStatistics()
         self._preview_fit = LatentPreviewFit()
+        # What the preview reads: the latents normalised as the validated weights declare, once per pass.
+        self._normalization = LatentNormalization.of(self.inference_vae)
         self._grid_batch = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -610,7 +612,7 @@ class VAEGAN(L.LightningModule):
         if latents.shape[-2] % 2 == 0 and latents.shape[-1] % 2 == 0:
             self._patch_statistics.update(measured_layout(latents.float(), "patch", self.vae.config.patch_size))
             # What a UI's zero-cost preview of these latents would show, fitted on this validation pass.
-            normalized = LatentNormalization.of(vae).normalize(latents.float())
+            normalized = self._normalization.normalize(latents.float())
             self._preview_fit.update(normalized, images.float())
         if self._grid_batch is None:
             count = self.hparams.grid_images
@@ -624,13 +626,14 @@ class VAEGAN(L.LightningModule):
         student, hp = self.inference_vae, self.hparams
         targets = self.teacher.latents(images)
         teacher_images = self.teacher.decode(targets)
-        reference, logged = to_uint8(images), {}
+        reference, teacher_pixels, logged = to_uint8(images), to_uint8(teacher_images), {}
+        teacher_psnr = psnr(reference, teacher_pixels).mean()  # the teacher's round trip, the mark for both parts
         if hp.distill != "encoder":
             decoded = student.decode(targets).float().clamp(-1, 1)
             logged |= {
                 "val/psnr": psnr(reference, to_uint8(decoded)).mean(),
-                "val/teacher_psnr": psnr(reference, to_uint8(teacher_images)).mean(),
-                "val/psnr_to_teacher": psnr(to_uint8(teacher_images), to_uint8(decoded)).mean(),
+                "val/teacher_psnr": teacher_psnr,
+                "val/psnr_to_teacher": psnr(teacher_pixels, to_uint8(decoded)).mean(),
                 f"val/lpips_{hp.perceptual_net}_to_teacher": self.perceptual(teacher_images, decoded).mean(),
             }
             shown = decoded
@@ -640,7 +643,7 @@ class VAEGAN(L.LightningModule):
             logged |= {
                 "val/latent_mse": torch.nn.functional.mse_loss(latents, targets),
                 "val/encoder_psnr": psnr(reference, to_uint8(through_teacher)).mean(),
-                "val/teacher_round_trip_psnr": psnr(reference, to_uint8(teacher_images)).mean(),
+                "val/teacher_round_trip_psnr": teacher_psnr,
             }
             shown = through_teacher if hp.distill == "encoder" else shown
         self.log_dict(logged, batch_size=images.shape[0], sync_dist=True)

@@ -25,6 +25,18 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def check_replaceable(path: Path, ours: Callable[[Path], bool], format: str, holder: str) -> None:
+    """Refuse to write a `format` folder over a file, or over a folder holding entries that `ours` does not
+    recognise as `holder`'s: `replace_folder_atomically` would delete them."""
+    if path.is_file():
+        raise FileExistsError(f"{path} is a file; the {format} format writes a folder")
+    if path.is_dir():
+        foreign = sorted(entry.name for entry in path.iterdir() if not ours(entry))
+        if foreign:
+            raise FileExistsError(f"refusing to replace {path}: it holds files {holder} does not "
+                                  f"({', '.join(foreign)})")
+
+
 def replace_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Fill a temporary folder beside `path` with `write`, then swap it in; a replaced folder is deleted only
     after the swap, and put back if the swap itself fails."""
