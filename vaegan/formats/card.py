@@ -94,3 +94,13 @@ def tiny_model_card(model: TinyAutoencoder, name: str) -> str:
         f'latents = vaegan.Codec(vaegan.load("{teacher}")).encode(images)  # the teacher\'s latents',
         "images = preview.decode(latents)", "```", "",
     ])
+
+
+def card_for(model: AutoencoderKL | TinyAutoencoder, destination: str, format: str,
+             eval_report: str | None = None) -> str | None:
+    """The README.md that saving `model` to `destination` as `format` writes: a folder's card (a VAE's only in a
+    diffusers folder, a tiny autoencoder's in its pair folder too), none for a single file."""
+    name = Path(destination).name
+    if isinstance(model, TinyAutoencoder):
+        return tiny_model_card(model, name) if format != "single-file" else None
+    return model_card(model, name, eval_report) if format == "diffusers" else None

@@ -13,7 +13,7 @@ from vaegan.autoencoder.network import AutoencoderKL
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.autoencoder.preview import LatentPreview, LatentPreviewFit
 from vaegan.autoencoder.tiny import TinyAutoencoder
-from vaegan.formats.card import model_card, tiny_model_card
+from vaegan.formats.card import card_for
 from vaegan.formats.checkpoints import CheckpointError, read_checkpoint
 from vaegan.formats.load import load
 from vaegan.formats.naming import METADATA_KEY
@@ -89,10 +89,7 @@ def convert(
         vae.latent_preview = fit.solve()
         print(f"fitted a latent preview map on {fit_preview}: PSNR {fit.psnr(vae.latent_preview):.2f} dB at the "
               "latent resolution")
-    if isinstance(vae, TinyAutoencoder):
-        card = tiny_model_card(vae, Path(destination).name) if to != "single-file" else None
-    else:
-        card = model_card(vae, Path(destination).name, eval_report) if to == "diffusers" else None
+    card = card_for(vae, destination, to, eval_report)
     path = save(vae, destination, format=to, dtype=resolve_dtype(dtype) if dtype else None, card=card)
     print(f"wrote {to} VAE to {path}")
     return path

@@ -11,7 +11,7 @@ import torch
 from vaegan.autoencoder.network import AutoencoderKL
 from vaegan.autoencoder.normalization import Convention, Kind, LatentNormalization, LatentStatistics, measured_layout
 from vaegan.autoencoder.tiny import TinyAutoencoder
-from vaegan.formats.card import model_card, tiny_model_card
+from vaegan.formats.card import card_for
 from vaegan.formats.checkpoints import read_checkpoint, trained_on
 from vaegan.formats.commands import PREVIEW_IMAGES, measure_preview
 from vaegan.formats.load import load_checkpoint
@@ -86,8 +86,7 @@ def export(
     vae = load_checkpoint(state, checkpoint, weights)
     if isinstance(vae, TinyAutoencoder):
         # A distilled student: its latents are its teacher's normalised ones, so there is nothing to measure.
-        card = tiny_model_card(vae, Path(output).name) if format != "single-file" else None
-        path = save(vae, output, format=format, card=card)
+        path = save(vae, output, format=format, card=card_for(vae, output, format))
         print(f"exported the {weights} weights of the student of {vae.config.teacher} to {path}")
         return path
     if format == "pair":
@@ -109,7 +108,6 @@ def export(
             vae.latent_preview = fit.solve()
             print(f"latent preview map fitted on {data or 'the demo training photos'}: PSNR "
                   f"{fit.psnr(vae.latent_preview):.2f} dB at the latent resolution")
-    card = model_card(vae, Path(output).name, eval_report) if format == "diffusers" else None
-    path = save(vae, output, format=format, card=card)
+    path = save(vae, output, format=format, card=card_for(vae, output, format, eval_report))
     print(f"exported {weights} weights to {path}")
     return path
