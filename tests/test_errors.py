@@ -80,6 +80,14 @@ BAD_INPUTS = [
     (["decode", "--input", "whole.pt", *DECODE, "--preview", "true"],
      "--preview: vae stores no latent preview map; `vaegan convert vae OUTPUT --fit_preview IMAGES` fits one"),
     (["fit", "--model.teacher", "no-such-vae"], "no-such-vae does not exist"),
+    (["fit", "--model.perceptual_net", "squeeze", "--data.latents", "nowhere"],
+     "--data.latents: nowhere: no such latent folder or shard file"),
+    (["fit", "--model.perceptual_net", "squeeze", "--data.latents", "encoded", "--data.resolution", "32"],
+     "--data.latents=encoded holds a teacher's latents, for distillation; name the VAE that encoded them with "
+     "--model.teacher"),
+    (["fit", "--model.perceptual_net", "squeeze", "--model.teacher", "vae.safetensors", "--data.latents", "encoded",
+      "--data.resolution", "32"], "--data.latents=encoded was encoded by other weights than "
+     "--model.teacher=vae.safetensors; encode the images with the teacher"),
     (["fit", "--model.teacher", "vae", "--model.arch", "taesana"],
      "--model.arch=taesana downsamples 32x but the teacher vae downsamples 4x"),
     (["fit", "--model.teacher", "vae", "--model.init_from", "tiny16"],

@@ -153,6 +153,12 @@ class ResolutionPolicy:
         plan = self.plan(*image.size)
         return plan.apply(image), plan.box
 
+    @classmethod
+    def from_json(cls, description: dict, factor: int) -> ResolutionPolicy:
+        """The policy a manifest describes (`to_json`), checked against the VAE's factor again."""
+        return cls.create(description["policy"], description["size"], factor, description["step"],
+                          description.get("max_aspect", DEFAULT_MAX_ASPECT), description["min_size"])
+
     def to_json(self) -> dict:
         """The policy as JSON for the manifest (buckets listed as [width, height])."""
         description = {"policy": self.kind, "size": self.size, "step": self.step, "min_size": self.min_size}

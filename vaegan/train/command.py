@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from vaegan.formats.checkpoints import read_checkpoint
 from vaegan.train.data import ImageDataModule
+from vaegan.train.distillation import check_stored_latents
 from vaegan.train.module import VAEGAN, TrainingDiverged
 from vaegan.train.regularizer_options import flat_key_target, migrate_flat_options, warn_flat_options
 from vaegan.utils.options import explain_parse_error
@@ -50,6 +51,15 @@ class TrainingCLI(LightningCLI):
         if hparams:
             model = migrate_flat_options(hparams, path)
             self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
+
+    def instantiate_trainer(self, **kwargs):
+        # The model and data are built: stored latents that are not the teacher's are refused now, in one line,
+        # rather than in `setup` once the Trainer has introduced itself (the module checks again there for
+        # Python callers).
+        encoded = getattr(self.datamodule, "encoded", None)
+        if encoded is not None:
+            check_stored_latents(self.model.teacher, encoded, self.model.hparams.teacher_latents)
+        return super().instantiate_trainer(**kwargs)
 
     def checkpoint_path(self) -> str | None:
         """The `--ckpt_path` of this command when it names a file (Lightning resolves "last" and the like)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
@@ -44,21 +44,14 @@ from vaegan.images.readers import (
     row_name,
 )
 from vaegan.images.reading import ImageError, load_image
+from vaegan.train.encoded import EncodedCrops, EncodedLatents, open_encoded, split_encoded
+from vaegan.train.items import Sample, first_readable
 from vaegan.utils.seeds import derived_seed, seeded_generator
 
 # A stream has no length, so a fraction cannot be held out of it: this many leading examples are, by default.
 STREAMING_HOLDOUT = 1000
 # Shuffle buffer of a streamed training source: enough to mix neighbouring shards, small enough for RAM.
 STREAMING_SHUFFLE_BUFFER = 1000
-# How many following indices a map-style dataset tries before concluding the source is all bad.
-MAX_FALLBACKS = 100
-
-
-class Sample(NamedTuple):
-    """A training item as the sampler hands it out: which image, and the seed of its random crop and flip."""
-
-    index: int
-    seed: int
 
 
 class ImageDataset(Dataset):
@@ -89,24 +82,14 @@ class ImageDataset(Dataset):
         index, generator = key, None
         if isinstance(key, Sample):
             index, generator = key.index, torch.Generator().manual_seed(key.seed)
-        size = len(self.reader)
-        skipped: list[Skip] = []
-        for offset in range(min(size, MAX_FALLBACKS)):
-            position = (index + offset) % size
-            if position in self._bad:
-                continue
-            try:
-                image = self.reader.read(position)
-                check_size(image.size, self.min_size, self.reader.name(position))
-            except ImageError as error:
-                self._bad.add(position)
-                skipped.append((self.reader.name(position), str(error)))
-                continue
-            return {"image": self.transform(image, generator), "skipped": skipped}
-        raise RuntimeError(
-            f"no readable image in {min(size, MAX_FALLBACKS)} tries from index {index}; broken source? "
-            + "; ".join(reason for _, reason in skipped[:5])
-        )
+
+        def read(position: int) -> Image.Image:
+            image = self.reader.read(position)
+            check_size(image.size, self.min_size, self.reader.name(position))
+            return image
+
+        image, skipped = first_readable(index, len(self.reader), self._bad, read, self.reader.name)
+        return {"image": self.transform(image, generator), "skipped": skipped}
 
 
 class StreamingImageDataset(IterableDataset):
@@ -223,11 +206,9 @@ class ResumableLoader(DataLoader):
 
 
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images to (B, 3, R, R); concatenate the skip reports."""
-    return {
-        "image": torch.stack([item["image"] for item in items]),
-        "skipped": [skip for item in items for skip in item["skipped"]],
-    }
+    """Stack images to (B, 3, R, R), and stored latents (`EncodedCrops`) likewise; concatenate the skip reports."""
+    batch = {name: torch.stack([item[name] for item in items]) for name in items[0] if name != "skipped"}
+    return batch | {"skipped": [skip for item in items for skip in item["skipped"]]}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -249,7 +230,8 @@ class ImageDataModule(L.LightningDataModule):
     Batches: the dataloaders yield `{"image": (B, 3, R, R) float in [-1, 1], "skipped": [(name, reason)]}`.
     Inside a Trainer, `on_before_batch_transfer` records the skips and hands the LightningModule just the
     image tensor (B, 3, R, R). Skipped files are in `self.skipped` ({name: reason}); DDP ranks count their
-    own.
+    own. Training batches of stored latents (`latents`) also hold "latent" (B, C, R/f, R/f), and "logvar" for a
+    stored posterior; those reach the module as the whole dict.
     """
 
     def __init__(
@@ -269,6 +251,7 @@ class ImageDataModule(L.LightningDataModule):
         val_holdout: float = 0.01,
         val_count: int | None = None,
         seed: int = 0,
+        latents: str | None = None,
     ):
         """
         Args:
@@ -291,6 +274,9 @@ class ImageDataModule(L.LightningDataModule):
             val_count: number of validation images (held out, or the first of `val_source`); None: see above.
             seed: seeds the held-out split, the training order and crops, and the stream shuffle, so reruns
                 see the same images in the same order (`seed_everything` seeds the model, not the data).
+            latents: a `vaegan encode` folder of a distillation teacher's latents: train on them and the images
+                they were encoded from (`source` says where those are if they moved) instead of encoding every
+                batch again; see `vaegan.train.encoded`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -307,6 +293,10 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.min_size = batch_size, num_workers, min_size
         self.random_flip, self.seed = random_flip, seed
         self.val_holdout, self.val_count = val_holdout, val_count
+        if latents is not None and streaming:
+            raise ValueError(f"--data.latents={latents} reads images by index; it does not stream")
+        # Opened here rather than in `setup`, so that a wrong folder is refused before any training starts.
+        self.encoded: EncodedLatents | None = open_encoded(latents, source) if latents is not None else None
         self.skipped: dict[str, str] = {}
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -325,7 +315,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download hub sources once per node before every rank opens them (from the cache) in `setup`."""
-        if self.streaming or self.source is None:
+        if self.streaming or self.source is None or self.encoded is not None:
             return
         sources = [(self.source, self.split)]
         if self.val_source is not None or self.val_split is not None:
@@ -339,7 +329,9 @@ class ImageDataModule(L.LightningDataModule):
             return
         train_crop = TrainCrop(self.resolution, self.random_flip)
         val_crop = EvalCrop(self.val_resolution)
-        if self.source is None:
+        if self.encoded is not None:
+            self._setup_encoded(val_crop)
+        elif self.source is None:
             # The demo photos are all large and clean: no tiny check needed beyond the crop's own upscaling.
             self.train_dataset = ImageDataset(
                 load_demo_photos(DEMO_TRAIN_PHOTOS), train_crop, min_size=0, repeats=DEMO_CROPS_PER_PHOTO
@@ -367,6 +359,20 @@ class ImageDataModule(L.LightningDataModule):
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
             train, val = ReaderSubset(train, sorted(order[held_out:])), ReaderSubset(train, sorted(order[:held_out]))
         self.train_dataset = ImageDataset(train, train_crop, self.min_size)
+        self.val_dataset = ImageDataset(val, val_crop, self.min_size)
+
+    def _setup_encoded(self, val_crop: EvalCrop) -> None:
+        held_out = 0
+        if self.val_source is None and self.val_split is None:
+            held_out = self.val_count or max(1, round(self.val_holdout * len(self.encoded.latents)))
+        train, val_indices, skipped = split_encoded(self.encoded, self.resolution, held_out, self.seed)
+        self.record_skips(skipped)
+        self.train_dataset = EncodedCrops(self.encoded, train, self.resolution)
+        if held_out:
+            val = ReaderSubset(self.encoded.reader, val_indices)
+        else:
+            val = self._reader(self.val_source or self.encoded.source, self.val_split or self.split)
+            val = ReaderSubset(val, range(min(len(val), self.val_count or len(val))))
         self.val_dataset = ImageDataset(val, val_crop, self.min_size)
 
     def _reader(self, spec: str, split: str) -> ImageReader:
@@ -426,10 +432,11 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(dataset, **options) if sampler is None else ResumableLoader(dataset, sampler, **options)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Record the batch's skipped files; the LightningModule receives the image tensor (B, 3, R, R)."""
+        """Record the batch's skipped files; the LightningModule receives the image tensor (B, 3, R, R), or with
+        stored latents the dict of image and latents."""
         if isinstance(batch, dict) and "skipped" in batch:
-            self.record_skips(batch["skipped"])
-            return batch["image"]
+            self.record_skips(batch.pop("skipped"))
+            return batch if "latent" in batch else batch["image"]
         return batch
 
     def teardown(self, stage: str) -> None:

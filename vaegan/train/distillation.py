@@ -9,7 +9,8 @@ teacher's path again on resume, and its hash must still match). What the student
   encoder  the image -> the teacher's normalised latents (mean squared error; its posterior mean or samples).
 
 Latents are the teacher's *normalised* ones, the space a diffusion model works in, folded back from FLUX.2's
-2x2 patches to the VAE's layout for a patch-normalised teacher (as TAEF2 works).
+2x2 patches to the VAE's layout for a patch-normalised teacher (as TAEF2 works). They are computed each batch,
+or read from a `vaegan encode` folder of the teacher's (`--data.latents`, `vaegan.train.encoded`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vaegan.autoencoder.network import AutoencoderKL, weights_sha256
 from vaegan.autoencoder.normalization import LatentNormalization, patchify, unpatchify
 from vaegan.autoencoder.tiny import TINY_PRESETS, TinyConfig
 from vaegan.formats.load import load
+from vaegan.train.encoded import EncodedLatents
 
 
 class Teacher(nn.Module):
@@ -92,3 +94,34 @@ def student_config(teacher: Teacher, arch: str | None, block_out_channels: tuple
         raise ValueError(f"--model.arch={arch} downsamples {student.downsampling_factor}x but the teacher "
                          f"{teacher.source} downsamples {config.downsampling_factor}x")
     return student
+
+
+def check_stored_latents(teacher: Teacher | None, encoded: EncodedLatents, teacher_latents: str) -> None:
+    """Refuse, by option, stored latents that are not the teacher's targets: another VAE's, normalised otherwise,
+    or stored without what `teacher_latents` asks for."""
+    option = f"--data.latents={encoded.path}"
+    if teacher is None:
+        raise ValueError(f"{option} holds a teacher's latents, for distillation; name the VAE that encoded them "
+                         "with --model.teacher")
+    if encoded.vae_sha256 != teacher.sha256:
+        raise ValueError(f"{option} was encoded by other weights than --model.teacher={teacher.source}; encode the "
+                         "images with the teacher, or name the VAE that encoded them")
+    if encoded.normalization != teacher.normalization:
+        raise ValueError(f"{option} is normalised as {encoded.normalization}, the teacher as "
+                         f"{teacher.normalization}; encode again without overriding the normalisation")
+    if teacher_latents == "sample" and encoded.store == "mean":
+        raise ValueError(f"{option} stores posterior means, but --model.teacher_latents=sample draws from the "
+                         "posterior; encode with --store posterior, or set --model.teacher_latents=mean")
+    if teacher_latents == "mean" and encoded.store == "sample":
+        raise ValueError(f"{option} stores posterior samples, but --model.teacher_latents=mean learns the means; "
+                         "encode with --store posterior or mean, or set --model.teacher_latents=sample")
+
+
+def stored_targets(batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+    """The student's target latents from a batch of stored ones: the stored latent (a mean, or a sample drawn at
+    encoding), or with `generator` and a stored posterior a fresh sample of it."""
+    latents = batch["latent"].float()
+    if generator is not None and "logvar" in batch:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        latents = latents + batch["logvar"].float().mul(0.5).exp() * noise
+    return latents

@@ -44,7 +44,7 @@ from vaegan.pretrained.vision import VisionFeatures
 from vaegan.reporting.grids import reconstruction_grid, save_grid
 from vaegan.train.checkpoint_io import WholeCheckpointIO
 from vaegan.train.discriminator import PatchDiscriminator
-from vaegan.train.distillation import Teacher, student_config
+from vaegan.train.distillation import Teacher, check_stored_latents, stored_targets, student_config
 from vaegan.train.distributed import STRATEGY_NAME, GANDDPStrategy, average_gradients, on_every_rank
 from vaegan.train.losses import (
     adaptive_gan_weight,
@@ -289,6 +289,9 @@ class VAEGAN(L.LightningModule):
                 f"{type(self.trainer.strategy).__name__} wraps the module in one DistributedDataParallel, which "
                 "cannot reduce the separate generator and discriminator backward passes (see vaegan.train.distributed)"
             )
+        encoded = getattr(self.trainer.datamodule, "encoded", None)  # the data module's stored latents, if any
+        if encoded is not None:
+            check_stored_latents(self.teacher, encoded, self.hparams.teacher_latents)
 
     def configure_model(self) -> None:
         if (self.hparams.disc_norm == "batch" and self.trainer.world_size > 1
@@ -429,13 +432,17 @@ class VAEGAN(L.LightningModule):
                 losses[name] = value
                 losses["loss"] = losses["loss"] + weight * value
 
-    def distillation_losses(self, images: torch.Tensor, gan_factor: float):
+    def distillation_losses(self, images: torch.Tensor, gan_factor: float, stored: dict | None = None):
         """A tiny student's losses against the frozen teacher (see `vaegan.train.distillation`): its decode of the
         teacher's latents against the real image (and the teacher's decode), its encoding against those latents.
+        The latents are the teacher's encoding of `images`, or those `stored` in the batch (`--data.latents`).
         Returns (the student's decode, or None when only the encoder learns; the losses)."""
         hp = self.hparams
         sample = self.rng("posterior") if hp.teacher_latents == "sample" else None
-        targets = self.teacher.latents(images, sample)                                   # (B, C, h, w)
+        if stored is None:
+            targets = self.teacher.latents(images, sample)                               # (B, C, h, w)
+        else:
+            targets = stored_targets(stored, sample)
         reconstructions, losses = None, {"loss": torch.zeros((), device=images.device)}
         if hp.distill != "encoder":
             reconstructions = self.vae.decode(targets)
@@ -487,7 +494,8 @@ class VAEGAN(L.LightningModule):
                 reconstructions, posterior, latents = self.reconstruct(images, self.rng("posterior"))
                 g_losses = self.generator_losses(images, reconstructions, posterior, gan_factor, latents, batch_number)
             else:
-                reconstructions, g_losses = self.distillation_losses(images, gan_factor)
+                stored = batch if isinstance(batch, dict) and "latent" in batch else None
+                reconstructions, g_losses = self.distillation_losses(images, gan_factor, stored)
                 train_discriminator = train_discriminator and reconstructions is not None
             self.manual_backward(g_losses["loss"] / hp.accumulate_grad_batches)
             if steps_now and self._step(opt_g, sched_g, g_losses["loss"], GENERATOR):
