@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -47,8 +48,35 @@ def _offline(monkeypatch):
 
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch):
-    """Builders (imagefolder) write their cache under the test's tmp folder, not the user's home."""
+    """Builders (imagefolder) write their cache, and remote data files are downloaded, under the test's tmp
+    folder, not the user's home (where a file of an earlier run at the same URL would be taken for this one's)."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", tmp_path / "hf-cache" / "downloads")
+    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", tmp_path / "hf-cache" / "downloads" / "extracted")
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """An S3-compatible server (moto) started for this test on the loopback interface, with one bucket; s3fs,
+    boto and subprocesses reach it through the usual AWS_* environment, as they would a real one. Yields the
+    bucket's URL, "s3://bucket"."""
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # moto keeps its buckets per Python process, not per server: start from none.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws of the machine's
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("bucket")
+    yield "s3://bucket"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
 
 
 @pytest.fixture

@@ -174,20 +174,32 @@ def test_killed_run_resumes_with_every_image_exactly_once(tiny_vae, tmp_path):
     assert not list(out.glob(".*.tmp")) and not list((out / ".progress").glob(".*.tmp"))
 
 
-def test_a_shard_renamed_but_not_recorded_is_redone_not_duplicated(tiny_vae, tmp_path):
+def test_every_moment_of_a_kill_leaves_each_image_once_and_nothing_uncommitted_readable(tiny_vae, tmp_path):
     images = skimage_photos(tmp_path / "images", 6)
     out = tmp_path / "latents"
     encode_dataset(tiny_vae, images, out, crop=32, shard_size=2, num_workers=0, device="cpu", progress=False)
-    # What a kill between the two commit steps leaves: shard 1's Parquet in place but no record of it, and a
-    # half-written temporary file of shard 2.
-    (out / ".progress" / "shard-000001.json").unlink()
-    (out / ".train-000002.parquet.abc123.tmp").write_bytes(b"PAR1 half a shard")
+    everything = Counter(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    # What kills at each step of the commit leave (vaegan.latents.shards):
+    #   shard 0: staged, not committed (killed before its record): its file must count for nothing;
+    #   shard 1: committed, not published (killed between record and publish);
+    #   shard 2: a half-written staged file of a run killed while writing it.
+    (out / ".progress" / "shard-000000.json").unlink()
+    os.replace(out / "train-000000.parquet", out / ".staging" / "train-000000.parquet.aaaa.tmp")
+    record = json.loads((out / ".progress" / "shard-000001.json").read_text())
+    os.replace(out / "train-000001.parquet", out / record["staged"])
+    (out / ".staging" / "train-000002.parquet.bbbb.tmp").write_bytes(b"PAR1 half a shard")
+
+    # Nothing uncommitted is readable: `datasets` sees the published shard only, LatentDataset the committed ones.
+    plain = datasets.load_dataset("parquet", data_dir=str(out), split="train")
+    assert Counter(plain["id"]) == Counter(row["id"] for row in read_rows(out)) and len(plain) == 2
+    assert len(vaegan.LatentDataset(out)) == 4
+
     summary = encode_dataset(tiny_vae, images, out, crop=32, shard_size=2, num_workers=0, device="cpu",
                              progress=False)
     assert summary.encoded == 2 and summary.skipped == 4 and summary.manifest["complete"]
-    assert Counter(row["id"] for row in read_rows(out)) == Counter(
-        p.relative_to(images).as_posix() for p in images.rglob("*.png"))
-    assert not list(out.glob(".*.tmp"))
+    assert Counter(row["id"] for row in read_rows(out)) == everything
+    assert Counter(vaegan.LatentDataset(out).ids) == everything
+    assert not list((out / ".staging").iterdir()) and not list(out.glob(".*.tmp"))
 
 
 def test_two_processes_encode_every_image_once(tiny_vae, tmp_path):

@@ -85,6 +85,64 @@ class FolderImages:
         return hashlib.sha256("\n".join(self.id(i) for i in range(len(self))).encode()).hexdigest()
 
 
+class UrlFolderImages:
+    """Image files under a folder of any fsspec filesystem (`s3://`, `gs://`, `hf://`, `file://`), read whole file
+    by file. Ids are paths relative to the folder, as for `FolderImages`, so a folder copied to a bucket keeps
+    its ids and its fingerprint."""
+
+    kind = "folder"
+
+    def __init__(self, url: str):
+        import fsspec  # imported here: local folders do not need it
+
+        self.url = url.rstrip("/")
+        fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+        found = fs.find(self.root) if fs.isdir(self.root) else []
+        self.paths = sorted(path for path in found if Path(path).suffix.lower() in IMAGE_EXTENSIONS)
+        self._filesystem, self._pid = fs, os.getpid()
+
+    @property
+    def fs(self) -> Any:
+        """This process's filesystem object: the asynchronous ones (s3, gcs, http) do not survive a fork into a
+        DataLoader worker, so each process makes its own (fsspec's instance cache is per process)."""
+        if self._pid != os.getpid():
+            import fsspec
+
+            self._filesystem, self._pid = fsspec.core.url_to_fs(self.url)[0], os.getpid()
+        return self._filesystem
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> Image.Image:
+        return load_image(self._bytes(index), name=self.name(index))
+
+    def encoded(self, index: int) -> tuple[bytes, str] | None:
+        return self._bytes(index), self.name(index)
+
+    def _bytes(self, index: int) -> bytes:
+        try:
+            return self.fs.cat_file(self.paths[index])
+        except FileNotFoundError as error:
+            raise ImageError(f"{self.name(index)}: gone since the folder was listed") from error
+
+    def name(self, index: int) -> str:
+        return f"{self.url}/{self.id(index)}"
+
+    def id(self, index: int) -> str:
+        return self.paths[index].removeprefix(self.root + "/")
+
+    def fingerprint(self) -> str:
+        """As `FolderImages.fingerprint`: the list of ids."""
+        return hashlib.sha256("\n".join(self.id(i) for i in range(len(self))).encode()).hexdigest()
+
+
+def is_url(spec: str) -> bool:
+    """A location with a protocol (`s3://...`), read through fsspec rather than as a local path."""
+    return "://" in spec
+
+
 class ArrayImages:
     """Images held in memory as uint8 arrays (the demo photos)."""
 
@@ -294,6 +352,11 @@ def open_reader(
     without it every file with an image extension is listed and errors surface when an image is read (dataset
     encoding, where opening millions of headers twice would cost more than it saves).
     """
+    if is_url(spec):
+        reader = UrlFolderImages(spec)
+        if not len(reader):
+            raise ValueError(f"{spec}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under this URL")
+        return reader, []
     if is_image_folder(spec):
         paths = list_image_files(Path(spec))
         skipped: list[Skip] = []

@@ -23,7 +23,6 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +31,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vaegan.autoencoder.normalization import LatentNormalization
-from vaegan.latents.manifest import MANIFEST_NAME
-from vaegan.latents.shards import decode_values, file_metadata, shard_files, tensor_columns, unnested
-from vaegan.utils.files import read_json
+from vaegan.latents.manifest import MANIFEST_NAME, shard_files
+from vaegan.latents.shards import decode_values, file_metadata, tensor_columns, unnested
 
 # Small per-row columns, read for every row when the dataset opens.
 INDEX_COLUMNS = ["id", "index", "latent_shape", "source_height", "source_width", "crop_box"]
@@ -56,15 +54,17 @@ class LatentDataset(Dataset):
     def __init__(self, path: str | os.PathLike, sample: bool | None = None, in_memory: bool = False):
         """
         Args:
-            path: an output folder of `vaegan encode`, or one of its `train-*.parquet` files.
+            path: an output folder of `vaegan encode`, local or a URL (`s3://bucket/latents`, see
+                `vaegan.latents.store`), or one of its `train-*.parquet` files. A folder is read as its
+                progress records say: committed shards only.
             sample: draw each item from the stored posterior, mean + exp(logvar / 2) * randn, with torch's global
                 generator (DataLoader workers seed it per worker and epoch); False returns the mean. None:
                 sample when the posterior was stored, else return the stored latent (mean or sample).
             in_memory: decode all latents when the dataset opens instead of on demand (see the module doc).
         """
-        self.path = Path(path)
-        self.files = shard_files(path)
-        metadata = [file_metadata(file) for file in self.files]
+        self.path = str(path)
+        self.location, self.files = shard_files(path)  # a `Store`, and names in it
+        metadata = [file_metadata(self.location, file) for file in self.files]
         for key in ("store", "dtype", "vae_sha256"):
             values = {repr(entry.get(key)) for entry in metadata}
             if len(values) > 1:
@@ -86,14 +86,14 @@ class LatentDataset(Dataset):
         self.columns = list(tensor_columns(self.store))
         if not self.sample and self.store == "posterior":
             self.columns = ["mean"]
-        self.manifest = read_json(self.path / MANIFEST_NAME) if (self.path / MANIFEST_NAME).is_file() else None
+        self.manifest = self.location.read_json(MANIFEST_NAME) if self.location.exists(MANIFEST_NAME) else None
         if self.manifest is not None and not self.manifest.get("complete"):
             warnings.warn(f"{self.path}: encoding is not complete (manifest says so); reading the shards done so far",
                           stacklevel=2)
 
         tables, locations = [], []
         for number, file in enumerate(self.files):
-            parquet = pq.ParquetFile(file)
+            parquet = pq.ParquetFile(self.location.open_for_reading(file))
             tables.append(parquet.read(columns=INDEX_COLUMNS))
             for group in range(parquet.num_row_groups):
                 rows = parquet.metadata.row_group(group).num_rows
@@ -146,7 +146,7 @@ class LatentDataset(Dataset):
             return self._groups[key]
         parquet = self._files.get(file)
         if parquet is None:
-            parquet = self._files[file] = pq.ParquetFile(self.files[file])
+            parquet = self._files[file] = pq.ParquetFile(self.location.open_for_reading(self.files[file]))
         table = parquet.read_row_group(group, columns=[*self.columns, "latent_shape"])
         shapes = _fixed(table, "latent_shape", 3)
         values = {name: unnested(table.column(name), shapes) for name in self.columns}

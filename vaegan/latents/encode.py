@@ -7,10 +7,10 @@ How the work is cut up, and why that makes a rerun safe:
     belongs to which shard never depends on the run, the number of processes or what is already done.
   * Process (rank) r of w encodes the shards k with k % w == r; its DataLoader workers split those shards
     between them, each worker reading whole shards, so all batches of a shard come from one worker, in order.
-  * A shard is committed atomically (`vaegan.latents.shards`, `vaegan.latents.manifest`): a killed run leaves
-    whole shards or
-    none, a rerun skips the committed ones and redoes the rest. No image is lost or written twice, whatever was
-    killed when; a rerun with other settings or a changed source is refused.
+  * A shard is committed whole or not at all (`vaegan.latents.shards`, `vaegan.latents.manifest`), by the same
+    protocol on a local disk and on an object store: a rerun skips the committed ones and redoes the rest. No
+    image is lost or written twice, whatever was killed when; a rerun with other settings or a changed source
+    is refused.
 
 Unreadable inputs (corrupt, zero-byte, not an image, tiny, a sliver the policy cannot use, a latent that is
 not finite in the storage dtype) are listed in errors.jsonl with the reason; the run goes on. A failure to read
@@ -42,16 +42,17 @@ from vaegan.latents.launcher import Rank, SharedProgress, default_num_workers, l
 from vaegan.latents.manifest import (
     MANIFEST_NAME,
     claim_output,
+    commit_shard,
     finalize,
     make_manifest,
+    publish_committed,
     read_records,
     shard_metadata,
-    write_record,
 )
 from vaegan.latents.shards import STORAGE_TYPES, ShardWriter, encode_values, nested, schema
 from vaegan.latents.sources import ImageBatch, ShardBatches, ShardEnd, open_source
+from vaegan.latents.store import Store
 from vaegan.utils.dtypes import resolve_dtype
-from vaegan.utils.files import read_json
 from vaegan.utils.text import counted
 
 
@@ -77,8 +78,8 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     launching process's bar)."""
     rank = rank or Rank()
     progress = tqdm(disable=True) if progress is None else progress  # (a tqdm bar has no truth value)
-    folder = Path(job.output)
-    folder.mkdir(parents=True, exist_ok=True)
+    store = Store(job.output)
+    store.make()
     source = open_source(job.input, job.shard_size, job.split, job.image_column, job.id_column, job.streaming,
                          job.max_images)
     if source.num_shards == 0:
@@ -87,9 +88,10 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     # Image sides must split into whole latents, and FLUX.2's into whole 2x2 patches of latents.
     policy = resolution_policy(job, vae.config.downsampling_factor * LatentNormalization.of(vae).spatial_factor)
     manifest = make_manifest(job, source, vae, policy)
-    claim_output(folder, manifest)
-    done = read_records(folder)
+    claim_output(store, manifest)
+    done = read_records(store)
     mine = [shard for shard in range(source.num_shards) if shard % rank.world_size == rank.rank]
+    publish_committed(store, done, mine)  # a killed run may have committed some without publishing them
     pending = [shard for shard in mine if shard not in done]
     skipped = sum(done[shard]["items"] for shard in mine if shard in done)
     if source.kind == "stream" and len(pending) < job.num_workers:
@@ -99,7 +101,7 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     device = rank.device(job.device)
     codec = Codec(vae, device=device, dtype=job.dtype, batch_size=job.batch_size, tile_size=job.tile_size,
                   tiling=job.tiling, compile=job.compile)
-    encoder = BatchEncoder(codec, job, schema(job.store, job.latent_dtype, shard_metadata(manifest)), folder)
+    encoder = BatchEncoder(codec, job, schema(job.store, job.latent_dtype, shard_metadata(manifest)), store)
     loader = DataLoader(
         ShardBatches(source, pending, policy, job.batch_size, job.decode_jpeg), batch_size=None,
         num_workers=job.num_workers, pin_memory=device.type == "cuda", prefetch_factor=4 if job.num_workers else None,
@@ -121,7 +123,7 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     finally:
         encoder.abort()
         progress.close()
-    complete = finalize(folder, manifest) is not None
+    complete = finalize(store, manifest) is not None
     return RankResult(
         rank=rank.rank, world_size=rank.world_size, device=str(device), shards=len(pending),
         encoded=encoder.encoded, errors=encoder.errors, skipped=skipped, device_decoded=encoder.device_decoded,
@@ -144,8 +146,8 @@ class BatchEncoder:
     converted and written, and the device-to-host copy is asynchronous, so the GPU does not wait on Parquet.
     """
 
-    def __init__(self, codec: Codec, job: EncodeJob, shard_schema: Any, folder: Path):
-        self.codec, self.job, self.schema, self.folder = codec, job, shard_schema, folder
+    def __init__(self, codec: Codec, job: EncodeJob, shard_schema: Any, store: Store):
+        self.codec, self.job, self.schema, self.store = codec, job, shard_schema, store
         self.writers: dict[int, ShardWriter] = {}
         self.generators: dict[int, torch.Generator] = {}
         self.late_errors: dict[int, list[dict]] = {}  # latents that are not finite in the storage dtype
@@ -157,9 +159,9 @@ class BatchEncoder:
         if isinstance(message, ShardEnd):
             written = self._write(self.in_flight)
             self.in_flight = None
-            writer = self.writers.pop(message.shard, None) or ShardWriter(self.folder, message.shard, self.schema)
+            writer = self.writers.pop(message.shard, None) or ShardWriter(self.store, message.shard, self.schema)
             errors = message.errors + self.late_errors.pop(message.shard, [])
-            write_record(self.folder, writer.commit(message.items, sorted(errors, key=lambda error: error["index"])))
+            commit_shard(self.store, writer.commit(message.items, sorted(errors, key=lambda error: error["index"])))
             self.generators.pop(message.shard, None)
             self.errors += len(message.errors)
             return written + len(message.errors)
@@ -248,7 +250,7 @@ class BatchEncoder:
         }
         writer = self.writers.get(batch.shard)
         if writer is None:
-            writer = self.writers[batch.shard] = ShardWriter(self.folder, batch.shard, self.schema)
+            writer = self.writers[batch.shard] = ShardWriter(self.store, batch.shard, self.schema)
         writer.add(columns)
         self.encoded += len(keep)
         return len(finite)
@@ -258,7 +260,7 @@ class BatchEncoder:
 class EncodeSummary:
     """What one encoding call did (over all its ranks) and, when the folder is complete, its manifest."""
 
-    output: Path
+    output: str | Path  # the folder or URL, as given
     encoded: int  # images encoded by this call
     errors: int  # unusable inputs met by this call (errors.jsonl lists all of them, of every run)
     skipped: int  # items of shards already done before this call
@@ -311,16 +313,16 @@ def encode(job: EncodeJob) -> EncodeSummary:
         # Closed on the way out of a failure too, so the error is printed on a line of its own.
         with tqdm(unit="img", desc="encoding", smoothing=0.1, disable=not job.progress or rank.rank > 0) as bar:
             results = [encode_rank(job, rank, bar)]
-    manifest_path = Path(job.output) / MANIFEST_NAME
+    store = Store(job.output)
     summary = EncodeSummary(
-        output=Path(job.output),
+        output=job.output,
         encoded=sum(result.encoded for result in results),
         errors=sum(result.errors for result in results),
         skipped=sum(result.skipped for result in results),
         device_decoded=sum(result.device_decoded for result in results),
         seconds=max(result.seconds for result in results),
         data_wait=float(np.mean([result.data_wait_seconds / max(result.seconds, 1e-9) for result in results])),
-        manifest=read_json(manifest_path) if any(result.complete for result in results) else None,
+        manifest=store.read_json(MANIFEST_NAME) if any(result.complete for result in results) else None,
         ranks=results,
     )
     if job.progress:

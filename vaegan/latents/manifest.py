@@ -4,17 +4,21 @@
     OUT/manifest.json                  the VAE, normalisation, dtype, resolution policy, source, counts;
                                        "complete": true once every shard is done
     OUT/errors.jsonl                   one line per unusable input: {"id", "index", "shard", "reason"}
-    OUT/.progress/shard-000000.json    per-shard commit record (rows, errors); written after the shard's Parquet
+    OUT/.progress/shard-000000.json    per-shard commit record (rows, errors, the file); written after the
+                                       shard's Parquet file is staged, before it is published
+                                       (`vaegan.latents.shards`)
 
 The first process writes the manifest with "complete": false; a rerun whose settings differ (`PLAN_KEYS`) or
 whose source changed is refused, because mixing two encodings in one folder would break exactly-once. A shard
 counts as done only when its record exists; whichever process finds every shard done writes errors.jsonl and
-the final manifest (no process group needed).
+the final manifest (no process group needed). OUT is a local folder or an object-store URL
+(`vaegan.latents.store`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -26,10 +30,13 @@ from vaegan.latents.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SHARD_PATTERN,
+    STAGING_DIR,
+    shard_name,
     tensor_columns,
 )
 from vaegan.latents.sources import Source
-from vaegan.utils.files import claim_json, differences, read_json, write_file_atomically, write_json
+from vaegan.latents.store import Store
+from vaegan.utils.files import differences, write_file_atomically
 
 PROGRESS_DIR = ".progress"
 MANIFEST_NAME = "manifest.json"
@@ -86,34 +93,38 @@ def shard_metadata(manifest: dict) -> dict:
     }
 
 
-def claim_output(folder: Path, manifest: dict) -> None:
+def claim_output(store: Store, manifest: dict) -> None:
     """Write the initial manifest, or check that the one already there was written with the same settings."""
-    path = folder / MANIFEST_NAME
-    if not path.exists():
-        foreign = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
+    if not store.exists(MANIFEST_NAME):
+        foreign = store.entries()
         # Checked again after listing: whatever another rank has written implies its manifest exists by now.
-        if foreign and not path.exists():
-            raise ValueError(f"{folder} is not empty ({', '.join(foreign[:5])}) and holds no {MANIFEST_NAME}: "
+        if foreign and not store.exists(MANIFEST_NAME):
+            raise ValueError(f"{store} is not empty ({', '.join(foreign[:5])}) and holds no {MANIFEST_NAME}: "
                              "encode into a new or empty folder")
-    existing = claim_json(path, manifest)
+    existing = store.claim_json(MANIFEST_NAME, manifest)
     if existing.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a vaegan latents manifest; encode into a new folder")
+        raise ValueError(f"{store.url_of(MANIFEST_NAME)} is not a vaegan latents manifest; encode into a new folder")
     changed = differences(existing, manifest, PLAN_KEYS)
     if changed:
         raise ValueError(
-            f"{folder} holds latents encoded with other settings or from a changed source ({changed}); resuming "
+            f"{store} holds latents encoded with other settings or from a changed source ({changed}); resuming "
             "would mix them. Rerun with the original settings, or encode into a new folder"
         )
 
 
-def finalize(folder: Path, manifest: dict) -> dict | None:
-    """If every shard is done: write errors.jsonl and the complete manifest, return the latter; else None."""
-    records = read_records(folder)
+def finalize(store: Store, manifest: dict) -> dict | None:
+    """If every shard is done: publish what is not yet, write errors.jsonl and the complete manifest, and return
+    the latter; else None."""
+    records = read_records(store)
     if any(shard not in records for shard in range(manifest["shards"]["count"])):
         return None
+    publish_committed(store, records)
     errors = [error for shard in sorted(records) for error in records[shard]["errors"]]
     text = "".join(json.dumps(error) + "\n" for error in errors)
-    write_file_atomically(folder / ERRORS_NAME, lambda file: file.write_text(text))
+    if store.is_local:
+        write_file_atomically(Path(store.path(ERRORS_NAME)), lambda file: file.write_text(text))
+    else:
+        store.fs.pipe_file(store.path(ERRORS_NAME), text.encode())
     shapes: dict[str, int] = {}
     for record in records.values():
         for shape, count in record["shapes"].items():
@@ -126,35 +137,98 @@ def finalize(folder: Path, manifest: dict) -> dict | None:
         "bytes": sum(record["bytes"] for record in records.values()),
         "latent_shapes": dict(sorted(shapes.items(), key=lambda item: -item[1])),
     }, "errors": {"file": ERRORS_NAME, "count": len(errors), "first": errors[:ERRORS_IN_MANIFEST]}}
-    write_json(folder / MANIFEST_NAME, manifest)
-    remove_temporary_files(folder)
+    store.write_json(MANIFEST_NAME, manifest)
+    remove_abandoned_files(store, records)
     return manifest
 
 
-def record_path(folder: Path, shard: int) -> Path:
-    return folder / PROGRESS_DIR / f"shard-{shard:06d}.json"
+def record_name(shard: int) -> str:
+    return f"{PROGRESS_DIR}/shard-{shard:06d}.json"
 
 
-def write_record(folder: Path, record: dict) -> None:
-    """Mark a shard done: its Parquet file (if any) is already in place."""
-    write_json(record_path(folder, record["shard"]), record)
+def commit_shard(store: Store, record: dict) -> None:
+    """Steps 2 and 3 of the protocol in `vaegan.latents.shards`: write the record that commits the shard, then
+    publish its staged file."""
+    store.write_json(record_name(record["shard"]), record)
+    publish(store, record)
 
 
-def read_records(folder: Path) -> dict[int, dict]:
-    """The progress records of the done shards, by shard number."""
-    records = {}
-    for path in sorted((folder / PROGRESS_DIR).glob("shard-*.json")):
-        match = re.fullmatch(r"shard-(\d+)\.json", path.name)
-        if match:
-            records[int(match[1])] = read_json(path)
-    return records
+def publish(store: Store, record: dict) -> None:
+    """Give a committed shard's staged file its final name; a shard of errors only leaves no file (an earlier,
+    different attempt must not survive as one)."""
+    if record["file"] is None:
+        store.remove(shard_name(record["shard"]))
+    elif record.get("staged"):
+        store.publish(record["staged"], record["file"])
 
 
-def remove_temporary_files(folder: Path) -> None:
-    """Shard files that killed processes left half-written (only safe once every shard is done).
+def publish_committed(store: Store, records: dict[int, dict], shards: list[int] | None = None) -> None:
+    """Publish the committed shards (of `shards`, default all) whose staged file is still there: a process was
+    killed between its commit and its publish."""
+    staged = set(store.names(f"{STAGING_DIR}/*"))
+    for shard, record in sorted(records.items()):
+        if (shards is None or shard in shards) and record.get("staged") in staged:
+            publish(store, record)
 
-    Not the manifest's or errors.jsonl's temporary files: another process may be finalizing at the same moment.
-    """
-    for pattern in (f".{SHARD_PATTERN}.*.tmp", f"{PROGRESS_DIR}/.shard-*.tmp"):
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
+
+def read_records(store: Store) -> dict[int, dict]:
+    """The progress records of the done shards, by shard number (fetched at once from an object store)."""
+    names = [name for name in store.names(f"{PROGRESS_DIR}/shard-*.json")
+             if re.fullmatch(rf"{PROGRESS_DIR}/shard-\d+\.json", name)]
+    if store.is_local:
+        values = {name: store.read_json(name) for name in names}
+    else:
+        contents = store.fs.cat([store.path(name) for name in names]) if names else {}
+        values = {name: json.loads(contents[store.path(name)]) for name in names}
+    return {int(re.search(r"(\d+)\.json$", name)[1]): value for name, value in values.items()}
+
+
+def committed_files(store: Store) -> list[str]:
+    """The shard files to read, in shard order: what the records name, published or still staged. A folder of
+    shards without records (copied without its books, or written before records existed): its `train-*` files."""
+    records = read_records(store)
+    if not records:
+        return store.names(SHARD_PATTERN)
+    published, staged = set(store.names(SHARD_PATTERN)), set(store.names(f"{STAGING_DIR}/*"))
+    files = []
+    for _, record in sorted(records.items()):
+        if record["file"] is None:
+            continue
+        if record.get("staged") in staged:  # committed, not yet published: the staged file is the shard
+            files.append(record["staged"])
+        elif record["file"] in published:
+            files.append(record["file"])
+        else:
+            raise ValueError(f"{store.url_of(record['file'])}: committed but missing; was it deleted?")
+    return files
+
+
+def remove_abandoned_files(store: Store, records: dict[int, dict]) -> None:
+    """Staged files no record names: attempts killed before their commit (only safe once every shard is done).
+    Not the temporary files of the manifest or errors.jsonl: another process may be finalizing at this moment."""
+    named = {record.get("staged") for record in records.values()}
+    for name in store.names(f"{STAGING_DIR}/*"):
+        if name not in named:
+            store.remove(name)
+    if store.is_local:  # temporary files of the protocol before staging existed
+        for name in store.names(f".{SHARD_PATTERN}.*.tmp") + store.names(f"{PROGRESS_DIR}/.shard-*.tmp"):
+            store.remove(name)
+
+
+def shard_files(path: str | os.PathLike) -> tuple[Store, list[str]]:
+    """The store and committed shard files of an encode folder (`committed_files`), or a single shard file's
+    folder and its name."""
+    text = str(path)
+    if text.endswith(".parquet"):
+        folder, _, name = text.rstrip("/").rpartition("/")
+        store = Store(folder or ".")
+        if not store.exists(name):
+            raise FileNotFoundError(f"{path}: no such latent shard file")
+        return store, [name]
+    store = Store(path)
+    if not store.fs.isdir(store.root):
+        raise FileNotFoundError(f"{path}: no such latent folder or shard file")
+    files = committed_files(store)
+    if not files:
+        raise FileNotFoundError(f"{path}: no committed latent shards ({SHARD_PATTERN}) in this folder")
+    return store, files

@@ -28,19 +28,22 @@ stored as the uint16 bit pattern of each value (the field's metadata says "bfloa
 back (numpy: `(bits.astype(np.uint32) << 16).view(np.float32)`; torch: `bits.view(torch.bfloat16)`).
 Each file's schema metadata also carries the latent normalisation, so a single shard can be decoded alone.
 
-Shards are committed in two steps, each atomic (written under a hidden temporary name, then renamed): first the
-Parquet file (`ShardWriter.commit`), then its progress record (`vaegan.latents.manifest.write_record`). A
-shard counts as
-done only when its record exists, so a process killed at any moment leaves either a done shard or one that the
-next run redoes and overwrites, never half of one.
+Shards are committed in three steps, the same on a local disk and on an object store
+(`vaegan.latents.store`), which has no atomic rename:
+  1. `ShardWriter` writes the Parquet file under a unique hidden name, `.staging/train-000003.parquet.<token>.tmp`;
+  2. its progress record (`vaegan.latents.manifest.commit_shard`) names that file: from here the shard counts
+     as done, and a rerun skips it;
+  3. the file is published under its final name, `train-000003.parquet` (a rename, or a copy then a delete).
+A killed run leaves a shard uncommitted (redone and overwritten by the next run, its staged file deleted once
+every shard is done) or committed and perhaps not yet published (the next run, or whichever process finishes
+the folder, publishes it). Only committed files ever carry a `train-*` name, so `datasets` never reads an
+uncommitted one, and an item has at most one readable copy. `LatentDataset` reads what the records name.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
+import uuid
 from typing import Any
 
 import numpy as np
@@ -48,10 +51,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vaegan.latents.store import Store
 from vaegan.utils.dtypes import resolve_dtype
-from vaegan.utils.files import make_readable
 
 SHARD_PATTERN = "train-*.parquet"
+# Hidden, so that neither `datasets` nor a `train-*` glob ever sees a shard that is not committed yet.
+STAGING_DIR = ".staging"
 METADATA_KEY = b"vaegan"
 FORMAT_NAME = "vaegan-latents"
 # 2: the normalisation is recorded whole ("normalization": scalar, channel or patch); version 1 shards (scalar
@@ -136,21 +141,23 @@ def unnested(column: pa.Array | pa.ChunkedArray, shapes: np.ndarray) -> list[np.
 
 
 class ShardWriter:
-    """The rows of one shard, written through a hidden temporary Parquet file and committed by `commit`.
+    """The rows of one shard, written to a unique hidden file in `store` and handed over to be committed by
+    `commit` (step 1 of the module docstring's protocol).
 
     Rows are added a batch at a time and written out every `ROW_GROUP_SIZE` rows, so memory stays bounded
     however large the shard. A shard without a single good image writes no Parquet file at all (`datasets`
     cannot read a file of zero rows) but still gets its progress record, listing its errors.
     """
 
-    def __init__(self, folder: Path, shard: int, schema: pa.Schema):
-        self.folder, self.shard, self.schema = folder, shard, schema
+    def __init__(self, store: Store, shard: int, schema: pa.Schema):
+        self.store, self.shard, self.schema = store, shard, schema
         self.rows = 0
         self.shapes: dict[str, int] = {}
+        self.staged: str | None = None  # the hidden file's name, once the first rows are written
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
+        self._file: Any = None
         self._writer: pq.ParquetWriter | None = None
-        self._temporary: Path | None = None
 
     def add(self, columns: dict[str, Any]) -> None:
         """Append rows: a dict of equally long columns, in the schema's names (latents as `nested` arrays)."""
@@ -168,68 +175,49 @@ class ShardWriter:
         if not self._pending_rows:
             return
         if self._writer is None:
-            handle, name = tempfile.mkstemp(dir=self.folder, prefix=f".{shard_name(self.shard)}.", suffix=".tmp")
-            os.close(handle)
-            self._temporary = Path(name)
+            self.staged = f"{STAGING_DIR}/{shard_name(self.shard)}.{uuid.uuid4().hex}.tmp"
+            self._file = self.store.open_for_writing(self.staged)
             # Latents are close to noise: dictionary encoding and compression buy little and cost decode time.
-            self._writer = pq.ParquetWriter(
-                self._temporary, self.schema, compression="snappy", use_dictionary=["id"]
-            )
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression="snappy", use_dictionary=["id"])
         self._writer.write_table(pa.Table.from_batches(self._pending), row_group_size=ROW_GROUP_SIZE)
         self._pending, self._pending_rows = [], 0
 
     def commit(self, items: int, errors: list[dict]) -> dict:
-        """Rename the Parquet file into place; returns the shard's record, which `vaegan.latents.manifest` writes
-        to mark the shard done."""
+        """Finish the hidden file; returns the shard's record, which `vaegan.latents.manifest.commit_shard`
+        writes (the commit) before publishing the file."""
         if self.rows + len(errors) != items:
             self.abort()
             raise RuntimeError(
                 f"shard {self.shard}: {self.rows} rows + {len(errors)} errors != {items} items; not committed"
             )
         self._flush()
-        path = self.folder / shard_name(self.shard)
-        if self._writer is not None:
-            self._writer.close()
-            make_readable(self._temporary)
-            os.replace(self._temporary, path)
-        else:
-            path.unlink(missing_ok=True)  # an earlier, different attempt must not survive as a shard
-        record = {
+        self._close()
+        return {
             "shard": self.shard, "items": items, "rows": self.rows, "errors": errors,
-            "file": path.name if self.rows else None, "bytes": path.stat().st_size if self.rows else 0,
-            "shapes": self.shapes,
+            "file": shard_name(self.shard) if self.rows else None, "staged": self.staged,
+            "bytes": self.store.size(self.staged) if self.rows else 0, "shapes": self.shapes,
         }
-        return record
 
     def abort(self) -> None:
-        """Drop the temporary file (after an error in this process; a killed process leaves it behind)."""
+        """Drop the hidden file (after an error in this process; a killed process leaves it behind)."""
+        self._close()
+        if self.staged is not None:
+            self.store.remove(self.staged)
+
+    def _close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._temporary is not None:
-            self._temporary.unlink(missing_ok=True)
+            self._file.close()
+            self._writer = None
 
 
-def shard_files(path: str | os.PathLike) -> list[Path]:
-    """The shard files of an output folder (sorted), or the one Parquet file given."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such latent folder or shard file")
-    files = sorted(path.glob(SHARD_PATTERN))
-    if not files:
-        raise FileNotFoundError(f"{path}: no latent shards ({SHARD_PATTERN}) in this folder")
-    return files
-
-
-def file_metadata(path: Path) -> dict:
+def file_metadata(store: Store, name: str) -> dict:
     """The vaegan metadata of a shard file (store, dtype, factors); `ValueError` naming the file if absent."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = pq.read_schema(store.open_for_reading(name)).metadata or {}
     except (OSError, pa.ArrowInvalid) as error:
-        raise ValueError(f"{path}: not a readable Parquet file ({error})") from error
+        raise ValueError(f"{store.url_of(name)}: not a readable Parquet file ({error})") from error
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{path}: a Parquet file without vaegan latent metadata (not written by vaegan encode)")
+        raise ValueError(f"{store.url_of(name)}: a Parquet file without vaegan latent metadata (not written by "
+                         "vaegan encode)")
     return json.loads(metadata[METADATA_KEY])
-
-
