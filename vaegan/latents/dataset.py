@@ -48,7 +48,7 @@ class LatentDataset(Dataset):
 
     Item i: {"latent": (C, h, w) float32 normalised, "id": str, "index": int,
              "original_size": (2,) int64 (height, width) of the source, "crop_box": (4,) float32
-             (left, top, right, bottom) in source pixels}.
+             (left, top, right, bottom) in source pixels}, plus each kept side column (`kept_columns`) as text.
     """
 
     def __init__(self, path: str | os.PathLike, sample: bool | None = None, in_memory: bool = False):
@@ -86,6 +86,8 @@ class LatentDataset(Dataset):
         self.columns = list(tensor_columns(self.store))
         if not self.sample and self.store == "posterior":
             self.columns = ["mean"]
+        # Side columns of tars and Parquet sources (`vaegan encode --keep_columns`), returned with each item.
+        self.kept_columns = list(self.metadata.get("kept_columns", []))
         self.manifest = self.location.read_json(MANIFEST_NAME) if self.location.exists(MANIFEST_NAME) else None
         if self.manifest is not None and not self.manifest.get("complete"):
             warnings.warn(f"{self.path}: encoding is not complete (manifest says so); reading the shards done so far",
@@ -122,24 +124,27 @@ class LatentDataset(Dataset):
         latent = stored["mean" if "mean" in stored else "latent"]
         if self.sample:
             latent = latent + stored["logvar"].mul(0.5).exp() * torch.randn(latent.shape)
+        file, group, row = (int(value) for value in self.locations[index])
+        texts = self._row_group(file, group)[1]
         return {
             "latent": latent,                                                   # (C, h, w)
             "id": self.ids[index],
             "index": int(self.indices[index]),
             "original_size": torch.from_numpy(self.original_sizes[index]),      # (2,) height, width
             "crop_box": torch.from_numpy(self.crop_boxes[index]),               # (4,)
-        }
+        } | {name: values[row] for name, values in texts.items()}               # kept columns: str or None
 
     def stored(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors stored for item `index`, float32 (C, h, w): "mean" and, unless the dataset was opened with
         sample=False, "logvar" for a stored posterior; "latent" otherwise. For callers that draw their own
         posterior samples (with their own generator)."""
         file, group, row = (int(value) for value in self.locations[index])
-        values = self._row_group(file, group)
+        values = self._row_group(file, group)[0]
         return {name: torch.from_numpy(decode_values(values[name][row], self.dtype)) for name in values}
 
-    def _row_group(self, file: int, group: int) -> dict[str, list[np.ndarray]]:
-        """The stored latents of one row group, one (C, h, w) array per row, through a small LRU cache."""
+    def _row_group(self, file: int, group: int) -> tuple[dict[str, list[np.ndarray]], dict[str, list]]:
+        """One row group through a small LRU cache: its stored latents, one (C, h, w) array per row, and its kept
+        columns, one text (or None) per row."""
         key = (file, group)
         if key in self._groups:
             self._groups.move_to_end(key)
@@ -147,9 +152,10 @@ class LatentDataset(Dataset):
         parquet = self._files.get(file)
         if parquet is None:
             parquet = self._files[file] = pq.ParquetFile(self.location.open_for_reading(self.files[file]))
-        table = parquet.read_row_group(group, columns=[*self.columns, "latent_shape"])
+        table = parquet.read_row_group(group, columns=[*self.columns, "latent_shape", *self.kept_columns])
         shapes = _fixed(table, "latent_shape", 3)
-        values = {name: unnested(table.column(name), shapes) for name in self.columns}
+        values = ({name: unnested(table.column(name), shapes) for name in self.columns},
+                  {name: table.column(name).to_pylist() for name in self.kept_columns})
         self._groups[key] = values
         while len(self._groups) > self._cache_size:
             self._groups.popitem(last=False)

@@ -81,7 +81,7 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     store = Store(job.output)
     store.make()
     source = open_source(job.input, job.shard_size, job.split, job.image_column, job.id_column, job.streaming,
-                         job.max_images)
+                         job.max_images, job.keep_columns)
     if source.num_shards == 0:
         raise ValueError(f"{job.input}: no images to encode")
     vae = load(job.model, config=job.preset, scaling_factor=job.scaling_factor, shift_factor=job.shift_factor)
@@ -94,14 +94,15 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
     publish_committed(store, done, mine)  # a killed run may have committed some without publishing them
     pending = [shard for shard in mine if shard not in done]
     skipped = sum(done[shard]["items"] for shard in mine if shard in done)
-    if source.kind == "stream" and len(pending) < job.num_workers:
+    if source.num_items is None and len(pending) < job.num_workers:
         print(f"rank {rank.rank}: {len(pending)} source shards to read for {job.num_workers} workers; the rest "
               "idle (a stream is read one source shard per worker; load it without streaming to read it in parallel)")
 
     device = rank.device(job.device)
     codec = Codec(vae, device=device, dtype=job.dtype, batch_size=job.batch_size, tile_size=job.tile_size,
                   tiling=job.tiling, compile=job.compile)
-    encoder = BatchEncoder(codec, job, schema(job.store, job.latent_dtype, shard_metadata(manifest)), store)
+    shard_schema = schema(job.store, job.latent_dtype, shard_metadata(manifest), job.keep_columns)
+    encoder = BatchEncoder(codec, job, shard_schema, store)
     loader = DataLoader(
         ShardBatches(source, pending, policy, job.batch_size, job.decode_jpeg), batch_size=None,
         num_workers=job.num_workers, pin_memory=device.type == "cuda", prefetch_factor=4 if job.num_workers else None,
@@ -248,6 +249,8 @@ class BatchEncoder:
             "source_width": batch.source_sizes[keep, 1].numpy(),
             "crop_box": batch.boxes[keep].tolist(),
         }
+        for name in self.job.keep_columns:
+            columns[name] = [batch.extras[position].get(name) for position in keep.tolist()]
         writer = self.writers.get(batch.shard)
         if writer is None:
             writer = self.writers[batch.shard] = ShardWriter(self.store, batch.shard, self.schema)

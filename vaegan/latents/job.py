@@ -25,9 +25,12 @@ class EncodeJob:
 
     Args:
         model: any VAE vaegan reads: diffusers folder, single file, training checkpoint.
-        input: an image folder (recursive), imagefolder:/webdataset:/parquet:/arrow:PATH, a save_to_disk folder,
-            a local dataset folder or a hub name.
-        output: folder for the shards; the same folder resumes.
+        input: an image folder (recursive), local or at a URL (s3://, gs://, hf://, file://); WebDataset tars or
+            Parquet files of image bytes, local or at a URL, as a file, a glob or a brace pattern
+            (shards/{00000..01023}.tar, data/*.parquet), each file one shard, streamed;
+            imagefolder:/webdataset:/parquet:/arrow:PATH for `datasets`' builders, a save_to_disk folder, a local
+            dataset folder or a hub name.
+        output: folder for the shards, local or at a URL; the same folder resumes.
         crop: shorter side resized to this, centre square crop (DiT, SD 1.x).
         buckets: aspect-ratio buckets of about this squared pixels, no distortion (SDXL, SD3, Flux).
         max_side: the image as it is, longer side capped at this, sides cut to multiples of step.
@@ -37,8 +40,12 @@ class EncodeJob:
         min_size: images with a shorter side below this are errors; default: half the size for crop and buckets,
             the step for max-side.
         split: split of a datasets source.
-        image_column: image column of a datasets source (webdataset names it by extension, e.g. jpg).
-        id_column: column whose value is the row's id (e.g. __key__ for webdataset); default: the row index.
+        image_column: image column of a datasets source or Parquet files (webdataset names it by extension,
+            e.g. jpg); for tars, the image member's extension (default: the first of jpg, jpeg, png, webp).
+        id_column: column whose value is the row's id (e.g. __key__ for webdataset); default: the row index (for
+            tars: the sample's key; for Parquet files: FILE/ROW).
+        keep_columns: side columns carried into each row as text, for tars and Parquet files: tar members by
+            extension (txt, json, cls), Parquet columns by name.
         streaming: stream a datasets source instead of downloading it; one worker per source file.
         max_images: only the first N images (in the source's sorted order), as for eval and export; a rerun must
             give the same N (not with streaming).
@@ -78,6 +85,7 @@ class EncodeJob:
     split: str = "train"
     image_column: str = "image"
     id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
     streaming: bool = False
     max_images: int | None = None
     store: Literal["posterior", "mean", "sample"] = "posterior"

@@ -44,7 +44,8 @@ ERRORS_NAME = "errors.jsonl"
 # The manifest entries a rerun must agree on, or it would mix latents of different settings in one folder.
 # (The source's path is not among them: the same folder may be named differently on a rerun.)
 PLAN_KEYS = (
-    "source.kind", "source.split", "source.image_column", "source.id_column", "source.items", "source.fingerprint",
+    "source.kind", "source.split", "source.image_column", "source.id_column", "source.keep_columns", "source.items",
+    "source.fingerprint",
     "shards", "resolution", "latents", "vae.sha256",
 )
 # The manifest quotes this many errors (errors.jsonl has them all), enough to see what went wrong at a glance.
@@ -74,9 +75,11 @@ def make_manifest(job: EncodeJob, source: Source, vae: AutoencoderKL, policy: Re
         "resolution": policy.to_json(),
         "source": {
             "input": job.input, "kind": source.kind, "split": job.split, "image_column": job.image_column,
-            "id_column": job.id_column, "items": source.num_items, "fingerprint": source.fingerprint(),
+            "id_column": job.id_column, "keep_columns": list(job.keep_columns) or None, "items": source.num_items,
+            "fingerprint": source.fingerprint(),
         },
-        "shards": {"count": source.num_shards, "size": None if source.kind == "stream" else job.shard_size,
+        # A stream and a list of files are cut by their files (one shard each), the rest by shard_size.
+        "shards": {"count": source.num_shards, "size": None if source.num_items is None else job.shard_size,
                    "pattern": SHARD_PATTERN},
         "counts": None,
         "errors": None,
@@ -90,6 +93,7 @@ def shard_metadata(manifest: dict) -> dict:
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "store": latents["store"], "dtype": latents["dtype"],
         "normalization": latents["normalization"], "latent_channels": vae["latent_channels"],
         "downsampling_factor": vae["downsampling_factor"], "vae_sha256": vae["sha256"],
+        "kept_columns": manifest["source"]["keep_columns"] or [],
     }
 
 

@@ -21,6 +21,7 @@ Columns, one row per image:
     height, width       int32         pixels of the image that was encoded (its bucket)
     source_height, source_width  int32  the source image's size (after EXIF rotation)
     crop_box            float32[4]    (left, top, right, bottom): the encoded region, in source pixels
+    (kept columns)      string        side columns of tars and Parquet sources, as text (`keep_columns`)
 
 Latents are nested lists (C of h of w values), so `datasets` shows them as arrays of the right shape and its
 numpy/torch formats return (C, h, w) arrays. fp16 and fp32 are stored as such. bf16 has no Arrow type: it is
@@ -82,8 +83,9 @@ def tensor_columns(store: str) -> tuple[str, ...]:
     return ("mean", "logvar") if store == "posterior" else ("latent",)
 
 
-def schema(store: str, dtype: str, metadata: dict) -> pa.Schema:
-    """The Arrow schema of a shard; `metadata` (factors, store, dtype) goes into the file's key-value metadata."""
+def schema(store: str, dtype: str, metadata: dict, kept: tuple[str, ...] = ()) -> pa.Schema:
+    """The Arrow schema of a shard; `metadata` (factors, store, dtype) goes into the file's key-value metadata;
+    `kept` side columns follow as nullable strings."""
     if store not in STORES:
         raise ValueError(f"store={store!r}; choose one of {', '.join(STORES)}")
     if dtype not in STORAGE_TYPES:
@@ -100,6 +102,10 @@ def schema(store: str, dtype: str, metadata: dict) -> pa.Schema:
         pa.field("source_width", pa.int32()),
         pa.field("crop_box", pa.list_(pa.float32(), 4)),
     ]
+    clashing = sorted(set(kept) & {field.name for field in fields} | set(kept) & {"mean", "logvar", "latent"})
+    if clashing:
+        raise ValueError(f"--keep_columns {' '.join(clashing)}: the shards have columns of that name already")
+    fields += [pa.field(name, pa.string()) for name in kept]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode()})
 
 

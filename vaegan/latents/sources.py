@@ -4,7 +4,10 @@ A source lists its items in a fixed order and cuts them into shards that do not 
   * an image folder or a map-style `datasets` source (an `ImageReader`): shard k is items
     [k * shard_size, (k + 1) * shard_size) of the reader's order (files sorted by path, rows by index);
   * a streamed `datasets` source: shard k is all rows of the source's own shard k (usually one file), since a
-    stream has no length to cut; id = "k/row", or an `id_column` value (`__key__` for webdataset).
+    stream has no length to cut; id = "k/row", or an `id_column` value (`__key__` for webdataset);
+  * WebDataset tars or Parquet files (`vaegan.images.shard_files`, at any URL): shard k is file k, streamed;
+    id = the sample's key (tars), the `id_column` value or "FILE/ROW" (Parquet). Side columns (`keep_columns`)
+    travel with each item. A file that breaks off is an error row naming it, after the samples read before.
 `ShardBatches` runs in DataLoader workers: it reads whole shards, decodes each image, sizes it with the
 resolution policy and yields `ImageBatch`es of one shape, then a `ShardEnd` per shard with its errors. With
 `decode_jpeg="device"` the workers leave JPEGs undecoded, planning only their crops from their headers, and the
@@ -29,10 +32,18 @@ from vaegan.images.crops import check_size
 from vaegan.images.jpegs import JpegImage, decode_jpegs, jpeg_header
 from vaegan.images.readers import ImageReader, image_column_only, is_image_folder, load_hub_source, open_reader
 from vaegan.images.reading import ImageError, encoded_bytes, load_image
+from vaegan.images.shard_files import (
+    IMAGE_EXTENSIONS,
+    ShardReadError,
+    file_fingerprint,
+    list_shard_files,
+    parquet_samples,
+    tar_samples,
+)
 
 # (index within the source or source shard, id, a call that decodes the image or raises ImageError, a call that
-# returns the file as stored and its name for error messages, or None when there is no file)
-Item = tuple[int, str, Callable[[], Image.Image], Callable[[], tuple[bytes, str] | None]]
+# returns the file as stored and its name for error messages, or None when there is no file, kept side columns)
+Item = tuple[int, str, Callable[[], Image.Image], Callable[[], tuple[bytes, str] | None], dict[str, str]]
 
 
 class ReaderSource:
@@ -52,7 +63,8 @@ class ReaderSource:
 
     def items(self, shard: int) -> Iterator[Item]:
         for index in range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_items)):
-            yield index, self.reader.id(index), partial(self.reader.read, index), partial(self.reader.encoded, index)
+            yield (index, self.reader.id(index), partial(self.reader.read, index), partial(self.reader.encoded, index),
+                   {})
 
 
 class StreamSource:
@@ -91,8 +103,55 @@ class StreamSource:
                 return
             for offset, value in enumerate(batch[self.column]):
                 name = str(batch[self.id_column][offset]) if self.id_column else f"{shard}/{row}"
-                yield row, name, partial(load_image, value, name=name), partial(_encoded, value, name)
+                yield row, name, partial(load_image, value, name=name), partial(_encoded, value, name), {}
                 row += 1
+
+
+class FileShardSource:
+    """WebDataset tars or Parquet files, local or at URLs: output shard k holds the samples of file k, read front
+    to back once by one worker."""
+
+    num_items = None
+
+    def __init__(self, spec: str, kind: str, image_column: str, id_column: str | None, keep: tuple[str, ...]):
+        self.kind, self.keep = kind, keep
+        self.urls = list_shard_files(spec, f".{kind}")
+        self.num_shards = len(self.urls)
+        if kind == "tar":
+            if id_column not in (None, "__key__"):
+                raise ValueError(f"--id_column {id_column}: a tar sample's id is its key; leave id_column unset")
+            self.read = partial(tar_samples, image_extensions=IMAGE_EXTENSIONS if image_column == "image"
+                                else (image_column,), keep=keep)
+        else:
+            self.read = partial(parquet_samples, image_column=image_column, id_column=id_column, keep=keep)
+
+    def fingerprint(self) -> str:
+        return file_fingerprint(self.urls)
+
+    def items(self, shard: int) -> Iterator[Item]:
+        index = 0
+        try:
+            for sample in self.read(self.urls[shard]):
+                index = sample.index + 1
+                read = partial(load_image, sample.data, name=sample.name) if sample.data is not None else \
+                    partial(_refuse, f"{sample.name}: {sample.missing}")
+                encoded = (lambda data=sample.data, name=sample.name: (data, name)) if sample.data is not None \
+                    else (lambda: None)
+                yield sample.index, sample.id, read, encoded, sample.extras
+        except ShardReadError as error:  # the file breaks off: one error row for the rest of it
+            yield index, self.urls[shard], partial(_refuse, str(error)), lambda: None, {}
+
+
+def _refuse(reason: str) -> Image.Image:
+    raise ImageError(reason)
+
+
+def shard_file_kind(spec: str) -> str | None:
+    """"tar" or "parquet" for a spec naming such files (a file, a glob, a brace pattern), else None."""
+    for kind in ("tar", "parquet"):
+        if spec.rstrip("/").endswith(f".{kind}"):
+            return kind
+    return None
 
 
 def _encoded(value: Any, name: str) -> tuple[bytes, str] | None:
@@ -100,17 +159,24 @@ def _encoded(value: Any, name: str) -> tuple[bytes, str] | None:
     return None if data is None else (data, name)
 
 
-Source = ReaderSource | StreamSource
+Source = ReaderSource | StreamSource | FileShardSource
 
 
 def open_source(
     input: str, shard_size: int, split: str = "train", image_column: str = "image", id_column: str | None = None,
-    streaming: bool = False, max_items: int | None = None,
+    streaming: bool = False, max_items: int | None = None, keep: tuple[str, ...] = (),
 ) -> Source:
     """`input` as a source: a folder holding images, or anything `vaegan.images.readers.load_hub_source` opens (a local
     dataset folder, `imagefolder:PATH`, `webdataset:PATH`, `parquet:PATH`, a `save_to_disk` folder, a hub name)."""
     if max_items is not None and max_items < 1:
         raise ValueError(f"max_images={max_items} must be at least 1")
+    kind = shard_file_kind(input)
+    if kind is not None:
+        if max_items is not None:
+            raise ValueError(f"max_images: {input} is read a file at a time; pick fewer files instead")
+        return FileShardSource(input, kind, image_column, id_column, keep)
+    if keep:
+        raise ValueError(f"--keep_columns applies to WebDataset tars and Parquet files; {input} is neither")
     if not streaming:
         reader, _ = open_reader(input, split, image_column, min_size=0, id_column=id_column, scan=False)
         return ReaderSource(reader, shard_size, max_items)
@@ -142,6 +208,7 @@ class ImageBatch:
     boxes: torch.Tensor         # (B, 4) float32: (left, top, right, bottom) of the encoded region, source pixels
     jpegs: list[JpegImage]      # J images to decode on the device
     is_jpeg: torch.Tensor       # (B,) bool: the rows that are `jpegs`, in order; the others are `pixels`, in order
+    extras: list[dict[str, str]]  # (B,) each row's kept side columns (`keep_columns`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -178,6 +245,7 @@ class ImageBatch:
         batch = replace(
             self, pixels=pixels[keep.to(device)], ids=[self.ids[i] for i in keep.tolist()], indices=self.indices[keep],
             source_sizes=self.source_sizes[keep], boxes=self.boxes[keep], jpegs=[],
+            extras=[self.extras[i] for i in keep.tolist()],
             is_jpeg=torch.zeros(len(keep), dtype=torch.bool),
         )
         return batch, errors, read_by_pil
@@ -218,7 +286,7 @@ class ShardBatches(IterableDataset):
         buckets: dict[tuple[int, int], list[dict]] = {}
         errors: list[dict] = []
         items = 0
-        for index, name, read, encoded in self.source.items(shard):
+        for index, name, read, encoded, extras in self.source.items(shard):
             items += 1
             try:
                 row = self.plan_jpeg(index, name, encoded) if self.decode_jpeg == "device" else None
@@ -227,6 +295,7 @@ class ShardBatches(IterableDataset):
             except ImageError as error:
                 errors.append({"id": name, "index": index, "shard": shard, "reason": str(error)})
                 continue
+            row["extras"] = extras
             bucket = buckets.setdefault(row["shape"], [])
             bucket.append(row)
             if len(bucket) == self.batch_size:
@@ -280,6 +349,7 @@ def stack_rows(shard: int, rows: list[dict]) -> ImageBatch:
         pixels=torch.from_numpy(np.stack(decoded) if decoded else np.zeros((0, height, width, 3), np.uint8)).permute(
             0, 3, 1, 2),
         ids=[row["id"] for row in rows],
+        extras=[row["extras"] for row in rows],
         indices=torch.tensor([row["index"] for row in rows], dtype=torch.int64),
         source_sizes=torch.tensor([row["source_size"] for row in rows], dtype=torch.int32),
         boxes=torch.tensor([row["box"] for row in rows], dtype=torch.float32),

@@ -67,9 +67,9 @@ def open_encoded(path: str, source: str | None = None) -> EncodedLatents:
     if manifest is None:
         raise ValueError(f"{OPTION}={path} holds no manifest.json; give the folder `vaegan encode` wrote, not a shard")
     described = manifest["source"]
-    if described["kind"] == "stream":
-        raise ValueError(f"{OPTION}={path} was encoded from a stream, which cannot be read by index again; encode "
-                         "the source as a folder or map-style dataset")
+    if described["items"] is None:
+        raise ValueError(f"{OPTION}={path} was encoded from a stream or from tar or Parquet files, which cannot be "
+                         "read by index again; encode the source as a folder or map-style dataset")
     where = source or described["input"]
     if not source and not Path(where).exists() and ":" not in where:
         raise ValueError(f"{OPTION}={path} was encoded from {where}, which is not there now; pass --data.source "
