@@ -61,7 +61,10 @@ class EncodeJob:
             decode_jpeg on the encoding device, batched, nvjpeg on CUDA: for when the workers cannot keep up with a
             GPU; the workers then only read headers and plan crops). Other files, CMYK JPEGs and JPEGs the device
             refuses are read by PIL, image by image; pixels agree with PIL's within a level or two.
-        num_processes: encoding processes on this machine, one GPU each with device cuda; under torchrun leave it
+        engine: local: this machine's processes (and torchrun's); ray: a Ray cluster through Ray Data, joined by
+            RAY_ADDRESS or started on this machine (`vaegan.latents.ray_engine`; pip install "vaegan[ray]").
+        num_processes: encoding processes on this machine, one GPU each with device cuda (with engine ray: encoder
+            actors on the CPU; on GPUs, one per GPU of the cluster); under torchrun leave it
             at 1 (each launched process is one rank).
         seed: seeds the draws of store=sample, per shard, so reruns draw the same.
         tile_size: encode in tiles of this many pixels; default: only images above 1024^2.
@@ -96,6 +99,7 @@ class EncodeJob:
     shard_size: int = DEFAULT_SHARD_SIZE
     num_workers: int | None = None
     decode_jpeg: Literal["workers", "device"] = "workers"
+    engine: Literal["local", "ray"] = "local"
     num_processes: int = 1
     seed: int = 0
     tile_size: int | None = None
