@@ -18,6 +18,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from vaegan.latents.quantization import column_maps
 from vaegan.latents.shards import decode_values, unnested
 
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
@@ -167,10 +168,12 @@ def read_rows(folder: Path) -> list[dict]:
     rows = []
     for path in sorted(folder.glob("train-*.parquet")):
         table = pq.read_table(path)
-        dtype = json.loads(table.schema.metadata[b"vaegan"])["dtype"]
+        metadata = json.loads(table.schema.metadata[b"vaegan"])
+        maps = column_maps(metadata.get("quantization"))
         shapes = table.column("latent_shape").combine_chunks().flatten().to_numpy().reshape(-1, 3)
         tensors = {name: unnested(table.column(name), shapes) for name in ("mean", "logvar", "latent")
                    if name in table.column_names}
         for i, row in enumerate(table.drop([*tensors]).to_pylist()):
-            rows.append(row | {name: decode_values(values[i], dtype) for name, values in tensors.items()})
+            rows.append(row | {name: decode_values(values[i], metadata["dtype"], maps.get(name))
+                               for name, values in tensors.items()})
     return rows

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, Sampler
 
 from vaegan.autoencoder.normalization import LatentNormalization
 from vaegan.latents.manifest import MANIFEST_NAME, shard_files
+from vaegan.latents.quantization import column_maps
 from vaegan.latents.shards import decode_values, file_metadata, tensor_columns, unnested
 
 # Small per-row columns, read for every row when the dataset opens.
@@ -65,7 +66,7 @@ class LatentDataset(Dataset):
         self.path = str(path)
         self.location, self.files = shard_files(path)  # a `Store`, and names in it
         metadata = [file_metadata(self.location, file) for file in self.files]
-        for key in ("store", "dtype", "vae_sha256"):
+        for key in ("store", "dtype", "vae_sha256", "quantization"):
             values = {repr(entry.get(key)) for entry in metadata}
             if len(values) > 1:
                 raise ValueError(f"{self.path}: shards disagree on {key} ({sorted(values)}); not one encoding run")
@@ -86,6 +87,7 @@ class LatentDataset(Dataset):
         self.columns = list(tensor_columns(self.store))
         if not self.sample and self.store == "posterior":
             self.columns = ["mean"]
+        self.quantization = column_maps(self.metadata.get("quantization"))  # uint8 latents' maps, by column
         # Side columns of tars and Parquet sources (`vaegan encode --keep_columns`), returned with each item.
         self.kept_columns = list(self.metadata.get("kept_columns", []))
         self.manifest = self.location.read_json(MANIFEST_NAME) if self.location.exists(MANIFEST_NAME) else None
@@ -140,7 +142,8 @@ class LatentDataset(Dataset):
         posterior samples (with their own generator)."""
         file, group, row = (int(value) for value in self.locations[index])
         values = self._row_group(file, group)[0]
-        return {name: torch.from_numpy(decode_values(values[name][row], self.dtype)) for name in values}
+        return {name: torch.from_numpy(decode_values(values[name][row], self.dtype, self.quantization.get(name)))
+                for name in values}
 
     def _row_group(self, file: int, group: int) -> tuple[dict[str, list[np.ndarray]], dict[str, list]]:
         """One row group through a small LRU cache: its stored latents, one (C, h, w) array per row, and its kept

@@ -137,6 +137,15 @@ class EncodeSummary:
                 f"{self.output}: {counted(counts['encoded'], 'latent')} in {counted(counts['files'], 'shard')}, "
                 f"{counts['bytes'] / 2**20:.1f} MiB; {counted(counts['errors'], 'error')} listed in errors.jsonl"
             )
+            quantization = self.manifest.get("quantization")
+            if quantization:
+                cost = quantization["cost"]
+                psnr = "no change" if cost["decode_psnr_db"] is None else f"{cost['decode_psnr_db']:.1f} dB PSNR"
+                lines.append(
+                    f"uint8 latents: decoded, {psnr} against the exact latents' decode ({cost['images']} of the "
+                    f"{quantization['calibration_images']} calibration images; latent RMSE {cost['latent_rmse']:.4f});"
+                    f" {counts['clipped_values']} values clipped to the calibrated ranges"
+                )
         return "\n".join(lines)
 
 

@@ -51,7 +51,9 @@ class EncodeJob:
             give the same N (not with streaming).
         store: posterior: mean and logvar, so training can resample; mean or sample: half the size.
         latent_dtype: stored precision: fp16 (half of fp32's bytes; its 2^-11 relative rounding is far below what
-            the VAE reconstructs), bf16 (stored as uint16 bits) or fp32.
+            the VAE reconstructs), bf16 (stored as uint16 bits), fp32, or uint8 (a quarter of fp32's bytes: one
+            affine map per channel, calibrated on the first images; its cost in decode PSNR is measured and
+            printed; see `vaegan.latents.quantization`).
         dtype: precision the VAE runs in (fp32: highest precision; bf16 on recent GPUs).
         device: cpu, cuda (one GPU per process) or cuda:N; default: cuda when available.
         batch_size: images per forward pass (batches hold one shape: bucket tails are smaller).
@@ -92,7 +94,7 @@ class EncodeJob:
     streaming: bool = False
     max_images: int | None = None
     store: Literal["posterior", "mean", "sample"] = "posterior"
-    latent_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    latent_dtype: Literal["fp16", "bf16", "fp32", "uint8"] = "fp16"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str | None = None
     batch_size: int = 16

@@ -55,7 +55,8 @@ ERRORS_IN_MANIFEST = 20
 def make_manifest(job: EncodeJob, source: Source, vae: AutoencoderKL, policy: ResolutionPolicy) -> dict:
     """manifest.json as first written (complete: false, no counts); `PLAN_KEYS` of it must match on resume."""
     config = vae.config
-    storage = {"fp32": "float32", "fp16": "float16", "bf16": "uint16 bit patterns of bfloat16"}[job.latent_dtype]
+    storage = {"fp32": "float32", "fp16": "float16", "bf16": "uint16 bit patterns of bfloat16",
+               "uint8": "uint8 codes of a per-channel affine map (see quantization)"}[job.latent_dtype]
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -94,11 +95,13 @@ def shard_metadata(manifest: dict) -> dict:
         "normalization": latents["normalization"], "latent_channels": vae["latent_channels"],
         "downsampling_factor": vae["downsampling_factor"], "vae_sha256": vae["sha256"],
         "kept_columns": manifest["source"]["keep_columns"] or [],
+        "quantization": manifest.get("quantization"),
     }
 
 
-def claim_output(store: Store, manifest: dict) -> None:
-    """Write the initial manifest, or check that the one already there was written with the same settings."""
+def claim_output(store: Store, manifest: dict) -> dict:
+    """Write the initial manifest, or check that the one already there was written with the same settings; returns
+    the manifest in force (another process's, or an earlier run's, may carry its own uint8 calibration)."""
     if not store.exists(MANIFEST_NAME):
         foreign = store.entries()
         # Checked again after listing: whatever another rank has written implies its manifest exists by now.
@@ -114,6 +117,7 @@ def claim_output(store: Store, manifest: dict) -> None:
             f"{store} holds latents encoded with other settings or from a changed source ({changed}); resuming "
             "would mix them. Rerun with the original settings, or encode into a new folder"
         )
+    return existing
 
 
 def finalize(store: Store, manifest: dict) -> dict | None:
@@ -140,6 +144,7 @@ def finalize(store: Store, manifest: dict) -> dict | None:
         "files": sum(1 for record in records.values() if record["file"]),
         "bytes": sum(record["bytes"] for record in records.values()),
         "latent_shapes": dict(sorted(shapes.items(), key=lambda item: -item[1])),
+        "clipped_values": sum(record.get("clipped", 0) for record in records.values()),  # uint8 only
     }, "errors": {"file": ERRORS_NAME, "count": len(errors), "first": errors[:ERRORS_IN_MANIFEST]}}
     store.write_json(MANIFEST_NAME, manifest)
     remove_abandoned_files(store, records)

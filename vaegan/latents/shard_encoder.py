@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from vaegan.formats.load import load
 from vaegan.images.buckets import ResolutionPolicy
 from vaegan.latents.job import EncodeJob, resolution_policy
 from vaegan.latents.manifest import (
+    MANIFEST_NAME,
     claim_output,
     commit_shard,
     make_manifest,
@@ -24,8 +26,9 @@ from vaegan.latents.manifest import (
     read_records,
     shard_metadata,
 )
-from vaegan.latents.shards import STORAGE_TYPES, ShardWriter, encode_values, nested, schema
-from vaegan.latents.sources import ImageBatch, ShardEnd, Source, open_source
+from vaegan.latents.quantization import CALIBRATION_IMAGES, calibrate, column_maps
+from vaegan.latents.shards import METADATA_KEY, ShardWriter, encode_values, schema, tensor_column
+from vaegan.latents.sources import ImageBatch, ShardBatches, ShardEnd, Source, open_source
 from vaegan.latents.store import Store
 from vaegan.utils.dtypes import resolve_dtype
 from vaegan.utils.text import counted
@@ -72,7 +75,9 @@ class EncodePlan:
         # Image sides must split into whole latents, and FLUX.2's into whole 2x2 patches of latents.
         policy = resolution_policy(job, vae.config.downsampling_factor * LatentNormalization.of(vae).spatial_factor)
         manifest = make_manifest(job, source, vae, policy)
-        claim_output(store, manifest)
+        if job.latent_dtype == "uint8" and not store.exists(MANIFEST_NAME):
+            manifest["quantization"] = calibrate_on(job, source, vae, policy)
+        manifest = claim_output(store, manifest)
         return cls(store, source, vae, policy, manifest, read_records(store))
 
     def pending(self, shards: list[int]) -> list[int]:
@@ -93,6 +98,26 @@ class _InFlight:
     batch: ImageBatch
     latents: dict[str, torch.Tensor]  # storage dtype, on the host (being copied there when `ready` is set)
     ready: torch.cuda.Event | None
+    finite: torch.Tensor | None = None  # (B,) bool, for uint8 latents (whose codes are always finite)
+    clipped: torch.Tensor | None = None  # uint8 values of this batch clipped to their map's range
+
+
+def calibrate_on(job: EncodeJob, source: Source, vae: AutoencoderKL, policy: ResolutionPolicy) -> dict:
+    """The uint8 maps of a new run (`vaegan.latents.quantization`), from the source's first images, encoded as the
+    run will encode them (on the job's device when this process has it, else on the CPU)."""
+    device = job.device if torch.device(job.device).type != "cuda" or torch.cuda.is_available() else "cpu"
+    codec = Codec(vae, device=device, dtype=job.dtype, batch_size=job.batch_size, tile_size=job.tile_size,
+                  tiling=job.tiling)
+    reader = ShardBatches(source, [], policy, job.batch_size)
+    batches, images = [], 0
+    for shard in range(source.num_shards):
+        for message in reader.shard_batches(shard):
+            if isinstance(message, ImageBatch) and images < CALIBRATION_IMAGES:
+                batches.append(message)
+                images += len(message)
+        if images >= CALIBRATION_IMAGES:
+            break
+    return calibrate(codec, batches, job.store)
 
 
 class BatchEncoder:
@@ -107,6 +132,8 @@ class BatchEncoder:
         self.writers: dict[int, ShardWriter] = {}
         self.generators: dict[int, torch.Generator] = {}
         self.late_errors: dict[int, list[dict]] = {}  # latents that are not finite in the storage dtype
+        self.clipped: dict[int, int] = {}  # uint8 values clipped to their map's range, per shard
+        self.quantization = column_maps(shard_schema_quantization(shard_schema))
         self.in_flight: _InFlight | None = None
         self.encoded = self.errors = self.device_decoded = 0
         self.committed = 0  # shards
@@ -118,7 +145,10 @@ class BatchEncoder:
             self.in_flight = None
             writer = self.writers.pop(message.shard, None) or ShardWriter(self.store, message.shard, self.schema)
             errors = message.errors + self.late_errors.pop(message.shard, [])
-            commit_shard(self.store, writer.commit(message.items, sorted(errors, key=lambda error: error["index"])))
+            record = writer.commit(message.items, sorted(errors, key=lambda error: error["index"]))
+            if self.quantization:
+                record["clipped"] = self.clipped.pop(message.shard, 0)
+            commit_shard(self.store, record)
             self.generators.pop(message.shard, None)
             self.errors += len(message.errors)
             self.committed += 1
@@ -161,16 +191,27 @@ class BatchEncoder:
                 generator = torch.Generator(codec.device).manual_seed(self.job.seed * 1_000_003 + batch.shard)
                 self.generators[batch.shard] = generator
             latents = {"latent": normalization.normalize(posterior.sample(generator))}
-        stored = {name: value.to(resolve_dtype(self.job.latent_dtype)) for name, value in latents.items()}
+        finite, clipped = None, None
+        if self.quantization:  # finiteness is a float's property: checked before the codes
+            finite = torch.stack([value.isfinite().flatten(1).all(1) for value in latents.values()]).all(0)
+            stored, clipped = {}, torch.zeros((), dtype=torch.long, device=codec.device)
+            for name, value in latents.items():
+                stored[name], count = self.quantization[name].quantize(torch.nan_to_num(value[finite]))
+                clipped = clipped + count
+            # Rows that were not finite come back as zeros: `_write` drops them by `finite`.
+            stored = {name: torch.zeros((len(finite), *value.shape[1:]), dtype=value.dtype, device=value.device)
+                      .index_put_((finite.nonzero().flatten(),), value) for name, value in stored.items()}
+        else:
+            stored = {name: value.to(resolve_dtype(self.job.latent_dtype)) for name, value in latents.items()}
         if codec.device.type != "cuda":
-            return _InFlight(batch, stored, None)
+            return _InFlight(batch, stored, None, finite, clipped)
         host = {}
         for name, value in stored.items():
             host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             host[name].copy_(value, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return _InFlight(batch, host, ready)
+        return _InFlight(batch, host, ready, finite, clipped)
 
     def _write(self, flight: _InFlight | None) -> int:
         if flight is None:
@@ -178,7 +219,11 @@ class BatchEncoder:
         if flight.ready is not None:
             flight.ready.synchronize()
         batch = flight.batch
-        finite = torch.stack([value.isfinite().flatten(1).all(1) for value in flight.latents.values()]).all(0)
+        if flight.finite is None:
+            finite = torch.stack([value.isfinite().flatten(1).all(1) for value in flight.latents.values()]).all(0)
+        else:
+            finite = flight.finite.cpu()
+            self.clipped[batch.shard] = self.clipped.get(batch.shard, 0) + int(flight.clipped)
         for position in (~finite).nonzero().flatten().tolist():
             self.late_errors.setdefault(batch.shard, []).append({
                 "id": batch.ids[position], "index": int(batch.indices[position]), "shard": batch.shard,
@@ -189,14 +234,13 @@ class BatchEncoder:
         self.errors += len(finite) - len(keep)
         if len(keep) == 0:
             return len(finite)
-        storage = STORAGE_TYPES[self.job.latent_dtype]
         pixels_height, pixels_width = batch.pixels.shape[-2:]
         columns: dict[str, Any] = {
             "id": [batch.ids[position] for position in keep.tolist()],
             "index": batch.indices[keep].numpy(),
         }
         for name, value in flight.latents.items():
-            columns[name] = nested(encode_values(value[keep], self.job.latent_dtype), storage)
+            columns[name] = tensor_column(encode_values(value[keep], self.job.latent_dtype), self.job.latent_dtype)
         channels, height, width = next(iter(flight.latents.values())).shape[1:]
         columns |= {
             "latent_shape": [[channels, height, width]] * len(keep),
@@ -222,3 +266,8 @@ def shard_progress(committed: int, total: int, errors: int, seconds: float) -> s
     left = seconds / committed * (total - committed) if committed else None
     eta = "" if left is None else f", ETA {datetime.timedelta(seconds=round(left))}"
     return f"shards {committed}/{total}, {counted(errors, 'error')}{eta}"
+
+
+def shard_schema_quantization(shard_schema: Any) -> dict | None:
+    """The uint8 maps a shard schema's metadata carries (None for float latents)."""
+    return json.loads(shard_schema.metadata[METADATA_KEY]).get("quantization")

@@ -26,8 +26,11 @@ Columns, one row per image:
 Latents are nested lists (C of h of w values), so `datasets` shows them as arrays of the right shape and its
 numpy/torch formats return (C, h, w) arrays. fp16 and fp32 are stored as such. bf16 has no Arrow type: it is
 stored as the uint16 bit pattern of each value (the field's metadata says "bfloat16"); `decode_values` turns it
-back (numpy: `(bits.astype(np.uint32) << 16).view(np.float32)`; torch: `bits.view(torch.bfloat16)`).
-Each file's schema metadata also carries the latent normalisation, so a single shard can be decoded alone.
+back (numpy: `(bits.astype(np.uint32) << 16).view(np.float32)`; torch: `bits.view(torch.bfloat16)`). uint8
+codes are each row's C*h*w bytes (Parquet would keep 8-bit integers in 32 bits), decoded as low + q * step per
+channel (`vaegan.latents.quantization`; numpy: `np.frombuffer(row, np.uint8).reshape(latent_shape)`). Each
+file's schema metadata also carries the latent normalisation and any quantisation maps, so a single shard can
+be decoded alone.
 
 Shards are committed in three steps, the same on a local disk and on an object store
 (`vaegan.latents.store`), which has no atomic rename:
@@ -52,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vaegan.latents.quantization import ChannelAffine
 from vaegan.latents.store import Store
 from vaegan.utils.dtypes import resolve_dtype
 
@@ -65,7 +69,7 @@ FORMAT_NAME = "vaegan-latents"
 FORMAT_VERSION = 2
 
 # Stored type of each latent precision; bf16 travels as its bit pattern (see the module docstring).
-STORAGE_TYPES = {"fp32": pa.float32(), "fp16": pa.float16(), "bf16": pa.uint16()}
+STORAGE_TYPES = {"fp32": pa.float32(), "fp16": pa.float16(), "bf16": pa.uint16(), "uint8": pa.uint8()}
 STORES = ("posterior", "mean", "sample")
 # 1000 images per shard: at 256^2 with an f8 VAE a posterior shard is ~16 MB in fp16, at 1024^2 ~256 MB; a kill
 # loses at most one shard of work per worker, and a million images make a thousand files.
@@ -90,8 +94,8 @@ def schema(store: str, dtype: str, metadata: dict, kept: tuple[str, ...] = ()) -
         raise ValueError(f"store={store!r}; choose one of {', '.join(STORES)}")
     if dtype not in STORAGE_TYPES:
         raise ValueError(f"latent dtype {dtype!r}; choose one of {', '.join(STORAGE_TYPES)}")
-    tensor = pa.list_(pa.list_(pa.list_(STORAGE_TYPES[dtype])))
-    field_metadata = {b"dtype": b"bfloat16"} if dtype == "bf16" else None
+    tensor = pa.binary() if dtype == "uint8" else pa.list_(pa.list_(pa.list_(STORAGE_TYPES[dtype])))
+    field_metadata = {"bf16": {b"dtype": b"bfloat16"}, "uint8": {b"dtype": b"uint8 codes, C*h*w bytes"}}.get(dtype)
     fields = [pa.field("id", pa.string()), pa.field("index", pa.int64())]
     fields += [pa.field(name, tensor, metadata=field_metadata) for name in tensor_columns(store)]
     fields += [
@@ -110,18 +114,33 @@ def schema(store: str, dtype: str, metadata: dict, kept: tuple[str, ...] = ()) -
 
 
 def encode_values(latents: torch.Tensor, dtype: str) -> np.ndarray:
-    """Float latents (B, C, h, w) -> a numpy array of the storage type (bf16 as uint16 bits)."""
+    """Float latents (B, C, h, w) -> a numpy array of the storage type (bf16 as uint16 bits); uint8 latents come
+    quantised already (`vaegan.latents.quantization`)."""
+    if dtype == "uint8":
+        return latents.cpu().numpy()
     stored = latents.to(resolve_dtype(dtype))
     if dtype == "bf16":
         return stored.view(torch.int16).cpu().numpy().view(np.uint16)
     return stored.cpu().numpy()
 
 
-def decode_values(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values (any shape) -> float32."""
+def decode_values(values: np.ndarray, dtype: str, affine: ChannelAffine | None = None) -> np.ndarray:
+    """Stored values -> float32; uint8 codes (C, h, w) through their column's per-channel `affine` map."""
+    if dtype == "uint8":
+        if affine is None:
+            raise ValueError("uint8 latents decode through their quantisation map, which this shard lacks")
+        return affine.dequantize(values)
     if dtype == "bf16":
         return (values.astype(np.uint32) << 16).view(np.float32)
     return values.astype(np.float32)
+
+
+def tensor_column(values: np.ndarray, dtype: str) -> pa.Array:
+    """Stored (B, C, h, w) values as a shard's column: nested lists, or for uint8 codes each row's bytes (Parquet
+    keeps 8-bit integers in 32 bits, which would leave them hardly smaller than fp16 once compressed)."""
+    if dtype == "uint8":
+        return pa.array([row.tobytes() for row in values], type=pa.binary())
+    return nested(values, STORAGE_TYPES[dtype])
 
 
 def nested(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -137,6 +156,9 @@ def unnested(column: pa.Array | pa.ChunkedArray, shapes: np.ndarray) -> list[np.
     """Nested-list latents of rows with shapes (N, 3) -> one stored-type numpy array (C, h, w) per row."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if pa.types.is_binary(column.type):  # uint8 codes
+        return [np.frombuffer(row, np.uint8).reshape(shape) for row, shape in zip(column.to_pylist(), shapes,
+                                                                                   strict=True)]
     flat = column.flatten().flatten().flatten().to_numpy(zero_copy_only=False)
     sizes = shapes.prod(axis=1)
     starts = np.concatenate([[0], np.cumsum(sizes)])
