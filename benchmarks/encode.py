@@ -12,7 +12,13 @@ images, since nothing else can happen meanwhile). The latents of the two are com
 workers only read JPEG headers and the encoding process decodes the batch on its device (nvjpeg on CUDA). Its
 decoding time counts as encoding, not as waiting for data; compare the img/s.
 
+`--source tars` packs the images into WebDataset tars of `--shard-size` first (what large sets ship as): vaegan
+reads them by brace pattern, one shard per tar, and the plain loop streams them with `tarfile`. `--ray` adds a
+row for `vaegan encode --engine ray` on a Ray instance started on this machine (its start-up counts end to end,
+not in the loop), with `--ray-actors` encoder actors.
+
     python benchmarks/encode.py --arch mini --images ../shared/assets/bsds500/train --max-images 48
+    python benchmarks/encode.py --source tars --ray --max-images 1000 --shard-size 100 --repeats 3
     python benchmarks/encode.py --arch sd --resolution 256 --device cuda --dtype bf16 --max-images 2000 \\
         --num-workers 8 --decode-jpeg both --json bench.json
 """
@@ -20,9 +26,11 @@ decoding time counts as encoding, not as waiting for data; compare the img/s.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +52,8 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "assets
 
 
 def plain_loop(model_dir: Path, files: list[Path], args, out: Path) -> dict:
-    """The reference: diffusers' AutoencoderKL in one process, data loading and encoding taking turns."""
+    """The reference: diffusers' AutoencoderKL in one process, data loading and encoding taking turns; `files`
+    are images, or tars whose images it reads in order (with `--source tars`)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
     start = time.perf_counter()
@@ -55,10 +64,13 @@ def plain_loop(model_dir: Path, files: list[Path], args, out: Path) -> dict:
     loop_start = time.perf_counter()
     loading = 0.0
     means, logvars = [], []
-    for first in range(0, len(files), args.batch_size):
+    items = tar_images(files) if args.source == "tars" else iter(files)
+    while True:
         before = time.perf_counter()
-        batch = files[first:first + args.batch_size]
-        crops = [resize_center_crop(load_image(path), args.resolution)[0] for path in batch]
+        batch = list(itertools.islice(items, args.batch_size))
+        if not batch:
+            break
+        crops = [resize_center_crop(load_image(item), args.resolution)[0] for item in batch]
         x = torch.stack([to_tensor(crop) for crop in crops])                       # (B, 3, R, R) in [-1, 1]
         loading += time.perf_counter() - before
         with torch.inference_mode():
@@ -69,28 +81,37 @@ def plain_loop(model_dir: Path, files: list[Path], args, out: Path) -> dict:
     synchronize(args.device)
     end = time.perf_counter()
     return {
-        "pipeline": "plain diffusers loop", "images": len(files), "seconds": end - start,
+        "pipeline": "plain diffusers loop", "images": sum(len(mean) for mean in means), "seconds": end - start,
         "loop_seconds": end - loop_start, "data_wait": loading / (end - loop_start), "mean": torch.cat(means).float(),
     }
 
 
-PIPELINES = {"workers": "vaegan encode", "device": "vaegan, device JPEGs"}
+def tar_images(tars: list[Path]):
+    """The image bytes of WebDataset tars, in order, streamed."""
+    for path in tars:
+        with tarfile.open(path, "r|") as tar:
+            for member in tar:
+                yield tar.extractfile(member).read()
 
 
-def vaegan_encode(model_dir: Path, folder: Path, args, out: Path, decode_jpeg: str = "workers") -> dict:
+PIPELINES = {"workers": "vaegan encode", "device": "vaegan, device JPEGs", "ray": "vaegan encode, ray"}
+
+
+def vaegan_encode(model_dir: Path, source: str, args, out: Path, mode: str = "workers") -> dict:
     start = time.perf_counter()
+    engine = {"engine": "ray", "num_processes": args.ray_actors} if mode == "ray" else {}
     summary = encode_dataset(
-        model_dir, folder, out, crop=args.resolution, batch_size=args.batch_size, num_workers=args.num_workers,
+        model_dir, source, out, crop=args.resolution, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, dtype=args.dtype, latent_dtype="fp16", shard_size=args.shard_size, progress=False,
-        decode_jpeg=decode_jpeg,
+        decode_jpeg="workers" if mode == "ray" else mode, **engine,
     )
     synchronize(args.device)
     end = time.perf_counter()
     dataset = LatentDataset(out, sample=False)
-    order = np.argsort(dataset.indices)  # the listing order, which the plain loop follows too
+    order = np.argsort(dataset.ids)  # numbered names and keys: the order the plain loop follows too
     mean = torch.stack([dataset[int(i)]["latent"] for i in order])
     return {
-        "pipeline": PIPELINES[decode_jpeg], "images": summary.encoded, "seconds": end - start,
+        "pipeline": PIPELINES[mode], "images": summary.encoded, "seconds": end - start,
         "loop_seconds": summary.seconds, "data_wait": summary.data_wait, "device_decoded": summary.device_decoded,
         "mean": mean,
     }
@@ -104,9 +125,23 @@ def link_folder(files: list[Path], folder: Path) -> Path:
     return folder
 
 
+def pack_tars(files: list[Path], folder: Path, size: int) -> list[Path]:
+    """`files` in WebDataset tars of `size` samples, keyed by their number."""
+    folder.mkdir()
+    tars = []
+    for first in range(0, len(files), size):
+        tars.append(folder / f"{len(tars):06d}.tar")
+        with tarfile.open(tars[-1], "w") as tar:
+            for index, path in enumerate(files[first:first + size], start=first):
+                tar.add(path.resolve(), arcname=f"{index:07d}{path.suffix.lower()}")
+    return tars
+
+
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{args.model or args.arch} at {args.resolution}^2, batch {args.batch_size}, {args.dtype} on "
-          f"{args.device}, {args.threads} torch threads, vaegan with {args.num_workers} data workers")
+          f"{args.device}, {args.threads} torch threads, vaegan with {args.num_workers} data workers, from "
+          f"{'tars of ' + str(args.shard_size) if args.source == 'tars' else 'a folder'}"
+          f"{f', ray with {args.ray_actors} actors' if args.ray else ''}")
     print(f"{'pipeline':22s} {'images':>6s} {'end to end s':>12s} {'img/s':>7s} {'loop img/s':>10s} {'data wait':>9s}")
     for row in rows:
         print(f"{row['pipeline']:22s} {row['images']:6d} {row['seconds']:12.2f} "
@@ -137,6 +172,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-jpeg", default="workers", choices=["workers", "device", "both"],
                         help="where vaegan decodes JPEGs: in its data workers, on the encoding device, or a row for "
                              "each (default: workers)")
+    parser.add_argument("--source", default="folder", choices=["folder", "tars"],
+                        help="read the images from a folder, or from WebDataset tars of --shard-size (default: folder)")
+    parser.add_argument("--ray", action="store_true", help="add a row for vaegan encode --engine ray")
+    parser.add_argument("--ray-actors", type=int, default=1, help="Ray's encoder actors (default: 1)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each pipeline, rotating which goes first; medians reported (default: 1)")
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -157,15 +196,23 @@ def main(argv=None) -> None:
         folder = link_folder(files, scratch / "images")  # exactly the chosen files, for both pipelines
         warm_folder = link_folder(files[:args.batch_size], scratch / "warm-images")
         files = sorted(folder.iterdir())
+        source, warm_source = str(folder), str(warm_folder)
+        if args.source == "tars":
+            tars = pack_tars(files, scratch / "tars", args.shard_size)
+            warm = pack_tars(files[:args.batch_size], scratch / "warm-tars", args.shard_size)
+            source = f"{scratch}/tars/{{000000..{len(tars) - 1:06d}}}.tar"
+            warm_source, files = str(warm[0]), tars
         torch.manual_seed(0)
         vae = vaegan.load(args.model) if args.model else vaegan.AutoencoderKL(vaegan.preset(args.arch))
         # diffusers reads this folder too: both sides run the same weights.
         model_dir = vaegan.save(vae, scratch / "vae", format="diffusers")
         # Warm-up (allocator, oneDNN kernels, CUDA context, file cache) outside the timings, for both.
         modes = ["workers", "device"] if args.decode_jpeg == "both" else [args.decode_jpeg]
-        plain_loop(model_dir, files[:args.batch_size], args, scratch / "warm.pt")
+        modes += ["ray"] if args.ray else []
+        plain_loop(model_dir, files[:1] if args.source == "tars" else files[:args.batch_size], args,
+                   scratch / "warm.pt")
         for mode in modes:
-            vaegan_encode(model_dir, warm_folder, args, scratch / f"warm-{mode}", mode)
+            vaegan_encode(model_dir, warm_source, args, scratch / f"warm-{mode}", mode)
         names = ["plain", *modes]
         runs: dict[str, list[dict]] = {"plain diffusers loop": [], **{PIPELINES[mode]: [] for mode in modes}}
         for repeat in range(args.repeats):
@@ -173,7 +220,7 @@ def main(argv=None) -> None:
                 if name == "plain":
                     result = plain_loop(model_dir, files, args, scratch / f"plain{repeat}.pt")
                 else:
-                    result = vaegan_encode(model_dir, folder, args, scratch / f"vaegan-{name}{repeat}", name)
+                    result = vaegan_encode(model_dir, source, args, scratch / f"vaegan-{name}{repeat}", name)
                 runs[result["pipeline"]].append(result)
         rows = []
         for pipeline, results in runs.items():
@@ -185,7 +232,7 @@ def main(argv=None) -> None:
         means = {pipeline: results[0]["mean"] for pipeline, results in runs.items()}
         plain = means.pop("plain diffusers loop")
         differences = {pipeline: (plain - mean).abs().max().item() for pipeline, mean in means.items()}
-        if len(modes) == 2:
+        if {"workers", "device"} <= set(modes):
             workers, device = means[PIPELINES["workers"]], means[PIPELINES["device"]]
             differences["device vs workers"] = (workers - device).abs().max().item()
     print_table(rows, args)

@@ -68,8 +68,10 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
         multiprocessing_context=worker_start_method() if job.num_workers else None,
     )
     progress.total = None if source.num_items is None else sum(source.shard_items(shard) for shard in pending)
+    if isinstance(progress, SharedProgress):
+        progress.add_parts(total=len(pending))
     start = time.perf_counter()
-    waiting = 0.0
+    waiting, errors_before = 0.0, 0
     try:
         batches = iter(loader)
         while True:
@@ -79,9 +81,13 @@ def encode_rank(job: EncodeJob, rank: Rank | None = None, progress: tqdm | Share
             if batch is None:
                 break
             progress.update(encoder.add(batch))
-            if isinstance(batch, ShardEnd) and isinstance(progress, tqdm):
-                progress.set_postfix_str(shard_progress(encoder.committed, len(pending), encoder.errors,
-                                                        time.perf_counter() - start))
+            if isinstance(batch, ShardEnd):
+                if isinstance(progress, SharedProgress):
+                    progress.add_parts(done=1, errors=encoder.errors - errors_before)
+                    errors_before = encoder.errors
+                else:
+                    progress.set_postfix_str(shard_progress(encoder.committed, len(pending), encoder.errors,
+                                                            time.perf_counter() - start))
         encoder.finish()
     finally:
         encoder.abort()
@@ -166,7 +172,7 @@ def encode(job: EncodeJob) -> EncodeSummary:
             raise ValueError("--engine ray inside a torchrun launch: run it once; Ray spreads the work")
         results = [encode_with_ray(job)]
     elif job.num_processes > 1:
-        results = launch(encode_rank, job, job.num_processes, "img", "encoding", job.progress)
+        results = launch(encode_rank, job, job.num_processes, "img", "encoding", job.progress, shard_progress)
     else:
         # Closed on the way out of a failure too, so the error is printed on a line of its own.
         with tqdm(unit="img", desc="encoding", smoothing=0.1, disable=not job.progress or rank.rank > 0) as bar:

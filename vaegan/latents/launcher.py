@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +46,19 @@ class Rank:
 
 class SharedProgress:
     """A rank's side of the launching process's progress bar: counts into shared values, as a tqdm bar would
-    (`total` is set once, `update` counts items)."""
+    (`total` is set once, `update` counts items), and counts finished parts of the work (shards) and errors for
+    the words beside it (`parts`)."""
 
-    def __init__(self, done: Any, total: Any):
+    def __init__(self, done: Any, total: Any, parts: Any = None):
         self.done, self.shared_total = done, total
+        self.parts = parts  # shared (parts done, parts in all, errors), or None
+
+    def add_parts(self, done: int = 0, total: int = 0, errors: int = 0) -> None:
+        if self.parts is not None:
+            with self.parts.get_lock():
+                self.parts[0] += done
+                self.parts[1] += total
+                self.parts[2] += errors
 
     @property
     def total(self) -> int:
@@ -91,8 +101,11 @@ def default_num_workers(local_processes: int) -> int:
 
 
 def launch(target: Callable[..., Any], job: Any, num_processes: int, unit: str, description: str,
-           show_progress: bool) -> list[Any]:
+           show_progress: bool, describe: Callable[[int, int, int, float], str] | None = None) -> list[Any]:
     """`target(job, Rank(r, n, r, n), progress)` in n fresh processes on this machine; their results by rank.
+
+    `describe(parts done, parts in all, errors, seconds)` words the parts the ranks count (`SharedProgress.add_parts`)
+    beside the bar.
 
     `job` is picklable and names the `device` the ranks run on; results carry their `rank`.
 
@@ -101,10 +114,11 @@ def launch(target: Callable[..., Any], job: Any, num_processes: int, unit: str, 
     all have ended.
     """
     context = mp.get_context("spawn")
-    done, total = context.Value("q", 0), context.Value("q", 0)
+    done, total, parts = context.Value("q", 0), context.Value("q", 0), context.Array("q", 3)
+    start = time.perf_counter()
     results = context.Queue()
     processes = [
-        context.Process(target=_rank_process, args=(target, job, rank, num_processes, done, total, results))
+        context.Process(target=_rank_process, args=(target, job, rank, num_processes, done, total, parts, results))
         for rank in range(num_processes)
     ]
     for process in processes:
@@ -119,6 +133,9 @@ def launch(target: Callable[..., Any], job: Any, num_processes: int, unit: str, 
                     break
             bar.total = total.value
             bar.update(done.value - bar.n)
+            if describe is not None and parts[1]:
+                bar.set_postfix_str(describe(parts[0], parts[1], parts[2], time.perf_counter() - start),
+                                    refresh=False)
     for process in processes:
         process.join()
     failures = [result for result in collected if isinstance(result, RankFailure)]
@@ -134,12 +151,12 @@ def launch(target: Callable[..., Any], job: Any, num_processes: int, unit: str, 
 
 
 def _rank_process(target: Callable[..., Any], job: Any, rank: int, world_size: int, done: Any, total: Any,
-                  results: Any) -> None:
+                  parts: Any, results: Any) -> None:
     if torch.device(job.device).type == "cpu":
         # Ranks share the cores: without this each would start one thread per core and they would thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        results.put(target(job, Rank(rank, world_size, rank, world_size), SharedProgress(done, total)))
+        results.put(target(job, Rank(rank, world_size, rank, world_size), SharedProgress(done, total, parts)))
     except BaseException as error:
         if isinstance(error, (ValueError, OSError)):  # a message for the user, which the launcher passes on
             results.put(RankFailure(rank, str(error), expected=True))
