@@ -22,8 +22,6 @@ from vaegan.latents.encode import encode_dataset
 
 from conftest import skimage_photos
 
-pytest.importorskip("s3fs")
-
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory) -> Path:
@@ -112,3 +110,12 @@ def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(va
     for index in range(len(after)):
         same = expected.ids.index(after.ids[index])
         np.testing.assert_array_equal(after.stored(index)["mean"], expected.stored(same)["mean"])
+
+
+def test_file_urls_are_local_folders(vae, tmp_path):
+    images = skimage_photos(tmp_path / "images", 3)
+    summary = encode_dataset(vae, f"file://{images}", f"file://{tmp_path}/latents", crop=32, num_workers=0,
+                             device="cpu", progress=False)
+    assert summary.manifest["complete"] and (tmp_path / "latents" / "train-000000.parquet").is_file()
+    assert sorted(vaegan.LatentDataset(f"file://{tmp_path}/latents").ids) == sorted(
+        path.relative_to(images).as_posix() for path in images.rglob("*.png"))
