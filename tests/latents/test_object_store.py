@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import vaegan
+from vaegan.cli import main
 from vaegan.latents.encode import encode_dataset
 
 from conftest import skimage_photos
@@ -60,6 +61,12 @@ def test_a_bucket_in_a_bucket_out_gives_the_latents_of_a_local_run(vae, s3, tmp_
             torch.testing.assert_close(remote.stored(index)[name], value, rtol=0, atol=0)
     plain = datasets.load_dataset("parquet", data_files=f"{s3}/latents/train-*.parquet", split="train")
     assert sorted(plain["id"]) == sorted(local.ids)
+    # `vaegan decode` reads the bucket too.
+    main(["decode", "--input", f"{s3}/latents", "--output", str(tmp_path / "decoded"), "--model", str(vae),
+          "--device", "cpu", "--progress", "false"])
+    assert sorted(path.relative_to(tmp_path / "decoded").with_suffix("").as_posix()
+                  for path in (tmp_path / "decoded").rglob("*.png")) == sorted(
+        name.removesuffix(".png") for name in local.ids)
 
 
 def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(vae, s3, tmp_path, hf_cache):

@@ -103,8 +103,9 @@ def decode_latents(
     tensor file of normalised latents from a diffusion sampler.
 
     Args:
-        input: a vaegan encode folder or shard file, or a .pt/.pth/.npy/.safetensors file of normalised latents
-            (B, C, h, w) or (C, h, w) (see `read_latent_file`).
+        input: a vaegan encode folder (local or a URL, as `LatentDataset` reads) or shard file, or a local
+            .pt/.pth/.npy/.safetensors file of normalised latents (B, C, h, w) or (C, h, w) (see
+            `read_latent_file`).
         output: folder for the images.
         model: any VAE vaegan reads; default: the one the manifest names, if it is still there. A VAE other than
             the encoder is allowed (a fine-tuned decoder) but warned about.
@@ -129,9 +130,9 @@ def decode_latents(
     if format not in IMAGE_FORMATS:
         raise ValueError(f"format={format!r}; choose one of png, webp, jpeg")
     pil_format, suffix = IMAGE_FORMATS[format]
-    source, folder = Path(input), Path(output)
-    if source.suffix in TENSOR_SUFFIXES:
-        named = read_latent_file(source)
+    source, folder = str(input), Path(output)  # a string: the folder may be a URL (`s3://...`)
+    if Path(source).suffix in TENSOR_SUFFIXES:
+        named = read_latent_file(Path(source))
         for name, latent in named if not allow_nonfinite else ():  # before anything is written
             check_finite(latent, f"{source}, latent {name}", "--allow_nonfinite true")
         dataset, expected_hash = None, None
