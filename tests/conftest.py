@@ -18,6 +18,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+import vaegan
 from vaegan.latents.quantization import column_maps
 from vaegan.latents.shards import decode_values, unnested
 
@@ -54,6 +55,13 @@ def hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", tmp_path / "hf-cache" / "downloads")
     monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", tmp_path / "hf-cache" / "downloads" / "extracted")
+
+
+@pytest.fixture(scope="session")
+def mini_vae(tmp_path_factory) -> Path:
+    """A `mini` VAE with random weights (seed 0), saved as a diffusers folder: what encoding tests encode with."""
+    torch.manual_seed(0)
+    return vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path_factory.mktemp("mini-vae") / "vae")
 
 
 @pytest.fixture

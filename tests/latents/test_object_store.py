@@ -14,7 +14,6 @@ from pathlib import Path
 import datasets
 import fsspec
 import numpy as np
-import pytest
 import torch
 
 import vaegan
@@ -24,12 +23,6 @@ from vaegan.latents.encode import encode_dataset
 from conftest import skimage_photos
 
 
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path_factory.mktemp("vae") / "vae")
-
-
 def upload(folder: Path, url: str) -> None:
     fs, root = fsspec.core.url_to_fs(url)
     for path in sorted(folder.rglob("*")):
@@ -37,12 +30,12 @@ def upload(folder: Path, url: str) -> None:
             fs.pipe_file(f"{root}/{path.relative_to(folder).as_posix()}", path.read_bytes())
 
 
-def test_a_bucket_in_a_bucket_out_gives_the_latents_of_a_local_run(vae, s3, tmp_path, hf_cache):
+def test_a_bucket_in_a_bucket_out_gives_the_latents_of_a_local_run(mini_vae, s3, tmp_path, hf_cache):
     images = skimage_photos(tmp_path / "images", 7, bad=1)
-    encode_dataset(vae, images, tmp_path / "local", crop=32, shard_size=3, num_workers=0, device="cpu",
+    encode_dataset(mini_vae, images, tmp_path / "local", crop=32, shard_size=3, num_workers=0, device="cpu",
                    progress=False)
     upload(images, f"{s3}/images")
-    summary = encode_dataset(vae, f"{s3}/images", f"{s3}/latents", crop=32, shard_size=3, num_workers=1,
+    summary = encode_dataset(mini_vae, f"{s3}/images", f"{s3}/latents", crop=32, shard_size=3, num_workers=1,
                              device="cpu", progress=False)
     assert summary.manifest["complete"] and summary.encoded == 7 and summary.errors == 1
 
@@ -62,21 +55,21 @@ def test_a_bucket_in_a_bucket_out_gives_the_latents_of_a_local_run(vae, s3, tmp_
     plain = datasets.load_dataset("parquet", data_files=f"{s3}/latents/train-*.parquet", split="train")
     assert sorted(plain["id"]) == sorted(local.ids)
     # `vaegan decode` reads the bucket too.
-    main(["decode", "--input", f"{s3}/latents", "--output", str(tmp_path / "decoded"), "--model", str(vae),
+    main(["decode", "--input", f"{s3}/latents", "--output", str(tmp_path / "decoded"), "--model", str(mini_vae),
           "--device", "cpu", "--progress", "false"])
     assert sorted(path.relative_to(tmp_path / "decoded").with_suffix("").as_posix()
                   for path in (tmp_path / "decoded").rglob("*.png")) == sorted(
         name.removesuffix(".png") for name in local.ids)
 
 
-def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(vae, s3, tmp_path, hf_cache):
+def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(mini_vae, s3, tmp_path, hf_cache):
     images = skimage_photos(tmp_path / "images", 11)
     # A named pipe sorted into the last shard blocks the worker that opens it: the run is stuck there with
     # the earlier shards committed when it is killed.
     blocker = images / "part1" / "zz_blocker.png"
     os.mkfifo(blocker)
     out = f"{s3}/latents"
-    command = [sys.executable, "-m", "vaegan.cli", "encode", "--model", str(vae), "--input", str(images),
+    command = [sys.executable, "-m", "vaegan.cli", "encode", "--model", str(mini_vae), "--input", str(images),
                "--output", out, "--crop", "32", "--shard_size", "3", "--batch_size", "1", "--num_workers", "1",
                "--device", "cpu", "--progress", "false"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -99,7 +92,7 @@ def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(va
     blocker.unlink()
     skimage_photos(tmp_path / "spare", 1)
     os.replace(next((tmp_path / "spare").rglob("*.png")), blocker)
-    summary = encode_dataset(vae, images, out, crop=32, shard_size=3, batch_size=1, num_workers=0, device="cpu",
+    summary = encode_dataset(mini_vae, images, out, crop=32, shard_size=3, batch_size=1, num_workers=0, device="cpu",
                              progress=False)
     assert summary.manifest["complete"] and summary.skipped == len(before)
     everything = Counter(path.relative_to(images).as_posix() for path in images.rglob("*.png"))
@@ -111,7 +104,7 @@ def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(va
     fs.invalidate_cache()
     assert not fs.glob("bucket/latents/.staging/*")
     local = tmp_path / "local"
-    encode_dataset(vae, images, local, crop=32, shard_size=3, batch_size=1, num_workers=0, device="cpu",
+    encode_dataset(mini_vae, images, local, crop=32, shard_size=3, batch_size=1, num_workers=0, device="cpu",
                    progress=False)
     expected = vaegan.LatentDataset(local)
     for index in range(len(after)):
@@ -119,9 +112,9 @@ def test_a_run_killed_while_writing_to_a_bucket_resumes_with_every_image_once(va
         np.testing.assert_array_equal(after.stored(index)["mean"], expected.stored(same)["mean"])
 
 
-def test_file_urls_are_local_folders(vae, tmp_path):
+def test_file_urls_are_local_folders(mini_vae, tmp_path):
     images = skimage_photos(tmp_path / "images", 3)
-    summary = encode_dataset(vae, f"file://{images}", f"file://{tmp_path}/latents", crop=32, num_workers=0,
+    summary = encode_dataset(mini_vae, f"file://{images}", f"file://{tmp_path}/latents", crop=32, num_workers=0,
                              device="cpu", progress=False)
     assert summary.manifest["complete"] and (tmp_path / "latents" / "train-000000.parquet").is_file()
     assert sorted(vaegan.LatentDataset(f"file://{tmp_path}/latents").ids) == sorted(

@@ -23,12 +23,6 @@ pytest.importorskip("ray")
 pytest.importorskip("s3fs")
 
 
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path_factory.mktemp("vae") / "vae")
-
-
 def assert_same_latents(folder: str | Path, reference: Path) -> None:
     """The same ids once each, and latents within fp32 rounding of the reference's (the engines run convolutions
     on different thread counts, so the last bits may differ)."""
@@ -40,7 +34,7 @@ def assert_same_latents(folder: str | Path, reference: Path) -> None:
             torch.testing.assert_close(got.stored(index)[column], value, rtol=1e-5, atol=1e-5)
 
 
-def test_ray_encodes_tars_in_a_bucket_as_the_local_engine_does(vae, s3, tmp_path):
+def test_ray_encodes_tars_in_a_bucket_as_the_local_engine_does(mini_vae, s3, tmp_path):
     import fsspec
 
     images = skimage_photos(tmp_path / "images", 8)
@@ -54,8 +48,8 @@ def test_ray_encodes_tars_in_a_bucket_as_the_local_engine_does(vae, s3, tmp_path
         fs.pipe_file(f"bucket/tars/{number:03d}.tar", (tmp_path / f"{number:03d}.tar").read_bytes())
     source = f"{s3}/tars/{{000..001}}.tar"
     options = dict(crop=32, latent_dtype="fp32", batch_size=2, device="cpu", progress=False)
-    encode_dataset(vae, source, tmp_path / "local", num_workers=0, **options)
-    summary = encode_dataset(vae, source, f"{s3}/latents", engine="ray", num_processes=2, num_workers=2, **options)
+    encode_dataset(mini_vae, source, tmp_path / "local", num_workers=0, **options)
+    summary = encode_dataset(mini_vae, source, f"{s3}/latents", engine="ray", num_processes=2, num_workers=2, **options)
     assert summary.manifest["complete"] and summary.encoded == 8 and summary.ranks[0].device == "ray: 2 CPU actors"
     assert_same_latents(f"{s3}/latents", tmp_path / "local")
 
@@ -72,10 +66,10 @@ def actor_processes() -> list[int]:
     return pids
 
 
-def test_killing_an_actor_then_the_driver_loses_and_duplicates_nothing(vae, tmp_path):
+def test_killing_an_actor_then_the_driver_loses_and_duplicates_nothing(mini_vae, tmp_path):
     images = skimage_photos(tmp_path / "images", 14)
     out = tmp_path / "latents"
-    command = [sys.executable, "-m", "vaegan.cli", "encode", "--model", str(vae), "--input", str(images),
+    command = [sys.executable, "-m", "vaegan.cli", "encode", "--model", str(mini_vae), "--input", str(images),
                "--output", str(out), "--crop", "32", "--latent_dtype", "fp32", "--shard_size", "1",
                "--batch_size", "1", "--engine", "ray", "--num_processes", "2", "--num_workers", "1",
                "--device", "cpu", "--progress", "false"]
@@ -105,10 +99,10 @@ def test_killing_an_actor_then_the_driver_loses_and_duplicates_nothing(vae, tmp_
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and done_before < 15
 
-    summary = encode_dataset(vae, images, out, crop=32, latent_dtype="fp32", shard_size=1, batch_size=1,
+    summary = encode_dataset(mini_vae, images, out, crop=32, latent_dtype="fp32", shard_size=1, batch_size=1,
                              engine="ray", num_processes=2, num_workers=1, device="cpu", progress=False)
     assert summary.manifest["complete"] and summary.skipped == done_before
-    encode_dataset(vae, images, tmp_path / "local", crop=32, latent_dtype="fp32", shard_size=1, batch_size=1,
+    encode_dataset(mini_vae, images, tmp_path / "local", crop=32, latent_dtype="fp32", shard_size=1, batch_size=1,
                    num_workers=0, device="cpu", progress=False)
     assert_same_latents(out, tmp_path / "local")
     assert not list((out / ".staging").glob("*"))

@@ -24,12 +24,6 @@ pytest.importorskip("s3fs")
 
 
 @pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path_factory.mktemp("vae") / "vae")
-
-
-@pytest.fixture(scope="module")
 def photos(assets, tmp_path_factory) -> Path:
     return bsds_photos(assets, tmp_path_factory.mktemp("photos"), "train", 9)
 
@@ -80,11 +74,11 @@ def by_photo(folder: Path) -> dict[str, torch.Tensor]:
     return {dataset.ids[index]: dataset[index]["latent"] for index in range(len(dataset))}
 
 
-def test_webdataset_tars_from_a_bucket_by_brace_pattern(vae, photos, s3, tmp_path, hf_cache):
+def test_webdataset_tars_from_a_bucket_by_brace_pattern(mini_vae, photos, s3, tmp_path, hf_cache):
     usable = write_tars(photos, tmp_path / "tars")
     upload(tmp_path / "tars", f"{s3}/tars")
     out = f"{s3}/latents"
-    summary = encode_dataset(vae, f"{s3}/tars/shard-{{00000..00002}}.tar", out, crop=64,
+    summary = encode_dataset(mini_vae, f"{s3}/tars/shard-{{00000..00002}}.tar", out, crop=64,
                              keep_columns=("txt", "json"), batch_size=1, num_workers=2, device="cpu",
                              progress=False)
     assert summary.manifest["complete"] and summary.manifest["shards"]["count"] == 3
@@ -108,22 +102,22 @@ def test_webdataset_tars_from_a_bucket_by_brace_pattern(vae, photos, s3, tmp_pat
         f"a photo called {Path(name).stem}" for name in usable.values()}
 
     # The same photos in a folder give the same latents.
-    encode_dataset(vae, photos, tmp_path / "folder", crop=64, batch_size=1, num_workers=0, device="cpu",
+    encode_dataset(mini_vae, photos, tmp_path / "folder", crop=64, batch_size=1, num_workers=0, device="cpu",
                    progress=False)
     expected, got = by_photo(tmp_path / "folder"), by_photo(out)
     for key, name in usable.items():
         torch.testing.assert_close(got[key], expected[name], rtol=0, atol=0)
 
     # A rerun finds every shard done; other kept columns would change the rows, and are refused.
-    again = encode_dataset(vae, f"{s3}/tars/shard-{{00000..00002}}.tar", out, crop=64,
+    again = encode_dataset(mini_vae, f"{s3}/tars/shard-{{00000..00002}}.tar", out, crop=64,
                            keep_columns=("txt", "json"), num_workers=0, device="cpu", progress=False)
     assert again.encoded == 0 and again.skipped == 8  # 6 encoded, a corrupt image, a cut-off tar
     with pytest.raises(ValueError, match="source.keep_columns"):
-        encode_dataset(vae, f"{s3}/tars/shard-{{00000..00002}}.tar", out, crop=64, keep_columns=("txt",),
+        encode_dataset(mini_vae, f"{s3}/tars/shard-{{00000..00002}}.tar", out, crop=64, keep_columns=("txt",),
                        num_workers=0, device="cpu", progress=False)
 
 
-def test_parquet_files_of_image_bytes(vae, photos, tmp_path):
+def test_parquet_files_of_image_bytes(mini_vae, photos, tmp_path):
     folder = tmp_path / "parquet"
     folder.mkdir()
     files = sorted(photos.glob("*.jpg"))
@@ -136,12 +130,12 @@ def test_parquet_files_of_image_bytes(vae, photos, tmp_path):
         })
         pq.write_table(table, folder / f"part-{number}.parquet")
     out = tmp_path / "latents"
-    summary = encode_dataset(vae, f"{folder}/*.parquet", out, crop=64, id_column="name", keep_columns=("caption",),
+    summary = encode_dataset(mini_vae, f"{folder}/*.parquet", out, crop=64, id_column="name", keep_columns=("caption",),
                              batch_size=1, num_workers=0, device="cpu", progress=False)
     assert summary.manifest["source"]["kind"] == "parquet" and summary.encoded == 8
     shutil.copytree(photos, tmp_path / "some", ignore=lambda _, names: [n for n in names if n not in
                                                                           {p.name for p in files[:8]}])
-    encode_dataset(vae, tmp_path / "some", tmp_path / "folder", crop=64, batch_size=1, num_workers=0,
+    encode_dataset(mini_vae, tmp_path / "some", tmp_path / "folder", crop=64, batch_size=1, num_workers=0,
                    device="cpu", progress=False)
     expected, got = by_photo(tmp_path / "folder"), by_photo(out)
     assert got.keys() == expected.keys()

@@ -20,20 +20,14 @@ from conftest import bsds_photos
 
 
 @pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return vaegan.save(vaegan.AutoencoderKL(vaegan.preset("mini")), tmp_path_factory.mktemp("vae") / "vae")
-
-
-@pytest.fixture(scope="module")
 def photos(assets, tmp_path_factory) -> Path:
     return bsds_photos(assets, tmp_path_factory.mktemp("photos"), "train", 20)
 
 
-def test_uint8_latents_are_within_half_a_step_and_cost_what_the_summary_says(vae, photos, tmp_path, capsys):
+def test_uint8_latents_are_within_half_a_step_and_cost_what_the_summary_says(mini_vae, photos, tmp_path, capsys):
     options = dict(crop=128, shard_size=10, batch_size=4, num_workers=0, device="cpu")
-    summary = encode_dataset(vae, photos, tmp_path / "uint8", latent_dtype="uint8", **options)
-    encode_dataset(vae, photos, tmp_path / "fp32", latent_dtype="fp32", progress=False, **options)
+    summary = encode_dataset(mini_vae, photos, tmp_path / "uint8", latent_dtype="uint8", **options)
+    encode_dataset(mini_vae, photos, tmp_path / "fp32", latent_dtype="fp32", progress=False, **options)
     quantization = summary.manifest["quantization"]
     assert quantization["calibration_images"] == 20 and summary.manifest["counts"]["clipped_values"] == 0
     cost = quantization["cost"]
@@ -50,7 +44,7 @@ def test_uint8_latents_are_within_half_a_step_and_cost_what_the_summary_says(vae
             error = (coded.stored(index)[name] - exact.stored(index)[name]).abs()
             assert bool((error <= half_step * 1.001 + 1e-6).all()), (name, index)
     # The printed cost is the decode of the stored codes against the decode of the exact latents.
-    codec = vaegan.Codec(vaegan.load(vae))
+    codec = vaegan.Codec(vaegan.load(mini_vae))
     first = range(cost["images"])
     approximate = codec.decode(torch.stack([coded.stored(i)["mean"] for i in first]), output="uint8").float()
     reference = codec.decode(torch.stack([exact.stored(i)["mean"] for i in first]), output="uint8").float()
@@ -61,7 +55,7 @@ def test_uint8_latents_are_within_half_a_step_and_cost_what_the_summary_says(vae
         (tmp_path / "fp32" / "manifest.json").read_text())["counts"]["bytes"]
 
 
-def test_every_rank_and_rerun_uses_the_first_calibration_and_clips_what_it_did_not_see(vae, tmp_path, monkeypatch):
+def test_every_rank_and_rerun_uses_the_first_calibration_and_clips_what_it_did_not_see(mini_vae, tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
     # The first two images (the calibration) are flat grey; the rest are photos, far outside their latent range.
@@ -72,7 +66,7 @@ def test_every_rank_and_rerun_uses_the_first_calibration_and_clips_what_it_did_n
         shutil.copy(photo, images / f"b{number}.jpg")
     monkeypatch.setattr(shard_encoder, "CALIBRATION_IMAGES", 2)
     out = tmp_path / "latents"
-    summary = encode_dataset(vae, images, out, crop=64, latent_dtype="uint8", shard_size=2, num_workers=0,
+    summary = encode_dataset(mini_vae, images, out, crop=64, latent_dtype="uint8", shard_size=2, num_workers=0,
                              device="cpu", progress=False)
     assert summary.manifest["quantization"]["calibration_images"] == 2
     assert summary.manifest["counts"]["clipped_values"] > 0
@@ -82,7 +76,7 @@ def test_every_rank_and_rerun_uses_the_first_calibration_and_clips_what_it_did_n
     for shard in (1, 2):
         (out / ".progress" / f"shard-{shard:06d}.json").unlink()
         (out / f"train-{shard:06d}.parquet").unlink()
-    again = encode_dataset(vae, images, out, crop=64, latent_dtype="uint8", shard_size=2, num_processes=2,
+    again = encode_dataset(mini_vae, images, out, crop=64, latent_dtype="uint8", shard_size=2, num_processes=2,
                            num_workers=0, device="cpu", progress=False)
     assert again.encoded == 4 and again.manifest["quantization"] == summary.manifest["quantization"]
     assert len(vaegan.LatentDataset(out)) == 8  # opening checks that every shard carries the same maps

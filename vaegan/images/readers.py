@@ -82,7 +82,7 @@ class FolderImages:
 
     def fingerprint(self) -> str:
         """Changes when a file is added, removed or renamed: any of those would shift items between shards."""
-        return hashlib.sha256("\n".join(self.id(i) for i in range(len(self))).encode()).hexdigest()
+        return ids_fingerprint(self)
 
 
 class UrlFolderImages:
@@ -135,7 +135,12 @@ class UrlFolderImages:
 
     def fingerprint(self) -> str:
         """As `FolderImages.fingerprint`: the list of ids."""
-        return hashlib.sha256("\n".join(self.id(i) for i in range(len(self))).encode()).hexdigest()
+        return ids_fingerprint(self)
+
+
+def ids_fingerprint(reader: ImageReader) -> str:
+    """sha256 of a reader's ids in order: the same for a folder and its copy in a bucket."""
+    return hashlib.sha256("\n".join(reader.id(i) for i in range(len(reader))).encode()).hexdigest()
 
 
 def is_url(spec: str) -> bool:

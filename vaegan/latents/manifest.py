@@ -36,7 +36,7 @@ from vaegan.latents.shards import (
 )
 from vaegan.latents.sources import Source
 from vaegan.latents.store import Store
-from vaegan.utils.files import differences, write_file_atomically
+from vaegan.utils.files import differences
 
 PROGRESS_DIR = ".progress"
 MANIFEST_NAME = "manifest.json"
@@ -129,10 +129,7 @@ def finalize(store: Store, manifest: dict) -> dict | None:
     publish_committed(store, records)
     errors = [error for shard in sorted(records) for error in records[shard]["errors"]]
     text = "".join(json.dumps(error) + "\n" for error in errors)
-    if store.is_local:
-        write_file_atomically(Path(store.path(ERRORS_NAME)), lambda file: file.write_text(text))
-    else:
-        store.fs.pipe_file(store.path(ERRORS_NAME), text.encode())
+    store.write_text(ERRORS_NAME, text)
     shapes: dict[str, int] = {}
     for record in records.values():
         for shape, count in record["shapes"].items():

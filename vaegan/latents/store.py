@@ -18,7 +18,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from vaegan.utils.files import claim_json, read_json, write_json
+from vaegan.utils.files import claim_json, json_text, read_json, write_file_atomically
 
 
 class Store:
@@ -80,12 +80,18 @@ class Store:
         except (OSError, ValueError) as error:
             raise ValueError(f"{self.url_of(name)}: unreadable ({error})") from error
 
-    def write_json(self, name: str, data: Any) -> None:
-        """Write JSON in one piece (see the module docstring); NaN and infinities are refused."""
+    def write_text(self, name: str, text: str) -> None:
+        """Write a file in one piece (see the module docstring)."""
         if self.is_local:
-            write_json(Path(self.path(name)), data)
+            path = Path(self.path(name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(path, lambda file: file.write_text(text))
             return
-        self.fs.pipe_file(self.path(name), (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
+        self.fs.pipe_file(self.path(name), text.encode())
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write JSON in one piece; NaN and infinities are refused."""
+        self.write_text(name, json_text(data))
 
     def claim_json(self, name: str, record: dict) -> dict:
         """Write `record` unless `name` exists; return what it holds. Of several writers exactly one wins: a
@@ -93,14 +99,14 @@ class Store:
         if self.is_local:
             return claim_json(Path(self.path(name)), record)
         if not self.exists(name):
-            text = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()
+            text = json_text(record)
             try:
                 with self.fs.open(self.path(name), "xb") as file:
-                    file.write(text)
+                    file.write(text.encode())
             except FileExistsError:
                 pass
             except (NotImplementedError, ValueError):  # no exclusive create: last writer wins, same settings
-                self.fs.pipe_file(self.path(name), text)
+                self.write_text(name, text)
         return self.read_json(name)
 
     def open_for_writing(self, name: str) -> IO[bytes]:

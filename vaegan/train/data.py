@@ -45,7 +45,7 @@ from vaegan.images.readers import (
 )
 from vaegan.images.reading import ImageError, load_image
 from vaegan.train.encoded import EncodedCrops, EncodedLatents, open_encoded, split_encoded
-from vaegan.train.items import Sample, first_readable
+from vaegan.train.items import Sample, first_readable, held_out_split
 from vaegan.utils.seeds import derived_seed, seeded_generator
 
 # A stream has no length, so a fraction cannot be held out of it: this many leading examples are, by default.
@@ -349,15 +349,14 @@ class ImageDataModule(L.LightningDataModule):
             val = self._reader(spec, self.val_split or self.split)
             val = ReaderSubset(val, range(min(len(val), self.val_count or len(val))))
         else:
-            # A seeded permutation, not the first files: folders are often sorted by class or by date.
             held_out = self.val_count or max(1, round(self.val_holdout * len(train)))
             if held_out >= len(train):
                 raise ValueError(
                     f"{self.source}: holding out {held_out} of {len(train)} images leaves nothing "
                     "to train on; lower val_count / val_holdout or give val_source"
                 )
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            train, val = ReaderSubset(train, sorted(order[held_out:])), ReaderSubset(train, sorted(order[:held_out]))
+            kept, val = held_out_split(len(train), held_out, self.seed)
+            train, val = ReaderSubset(train, kept), ReaderSubset(train, val)
         self.train_dataset = ImageDataset(train, train_crop, self.min_size)
         self.val_dataset = ImageDataset(val, val_crop, self.min_size)
 

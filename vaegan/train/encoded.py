@@ -25,7 +25,7 @@ from vaegan.images.buckets import ResolutionPolicy
 from vaegan.images.readers import ImageReader, Skip, open_reader
 from vaegan.images.reading import ImageError, to_tensor
 from vaegan.latents.dataset import LatentDataset
-from vaegan.train.items import Sample, first_readable
+from vaegan.train.items import Sample, first_readable, held_out_split
 
 OPTION = "--data.latents"
 
@@ -164,7 +164,5 @@ def split_encoded(encoded: EncodedLatents, resolution: int, held_out: int, seed:
     if held_out >= len(usable):
         raise ValueError(f"{OPTION}={encoded.path}: holding out {held_out} of {len(usable)} usable latents leaves "
                          "nothing to train on; lower --data.val_count / --data.val_holdout or give --data.val_source")
-    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed)).tolist()
-    train = sorted(usable[i] for i in order[held_out:])
-    val = sorted(int(encoded.latents.indices[usable[i]]) for i in order[:held_out])
-    return train, val, skipped
+    kept, val = held_out_split(len(usable), held_out, seed)
+    return [usable[i] for i in kept], sorted(int(encoded.latents.indices[usable[i]]) for i in val), skipped

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+import torch
+
 from vaegan.images.readers import Skip
 from vaegan.images.reading import ImageError
 
@@ -43,3 +45,10 @@ def first_readable(
         f"no readable image in {min(size, MAX_FALLBACKS)} tries from index {index}; broken source? "
         + "; ".join(reason for _, reason in skipped[:5])
     )
+
+
+def held_out_split(count: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out): `held_out` of the positions 0..count-1 chosen by a permutation seeded by `seed`, not the
+    first ones (folders are often sorted by class or by date); each list sorted."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held_out:]), sorted(order[:held_out])

@@ -69,14 +69,17 @@ def make_readable(path: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically; returns the path.
-
-    allow_nan=False: a stray inf or NaN fails here rather than writing a file other tools cannot parse.
-    """
+    """Write JSON (`json_text`) atomically; returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    text = json_text(data)
     write_file_atomically(path, lambda file: file.write_text(text))
     return path
+
+
+def json_text(data: Any) -> str:
+    """What `write_json` writes; allow_nan=False: a stray inf or NaN fails here rather than writing a file other
+    tools cannot parse."""
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
 
 def read_json(path: Path) -> Any:
